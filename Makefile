@@ -1,0 +1,43 @@
+# Two commands do all set-up on a fresh machine (see README):
+#   make demo   - the main job: train a small HierarchicalTopK SAE on Gemma-3 270M, serve it, query it
+#   make test   - install, lint, type-check and run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+EXTRAS ?= cpu,dev,gguf
+PYTEST_ARGS ?= -m "not slow"
+
+.PHONY: install proto test test-slow lint demo bench clean
+
+# torch==2.13.0 first: it is the local CPU wheel. An unpinned torch would pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+install: $(VENV)/.installed proto
+
+# Generated gRPC stubs are built here, never committed.
+proto: $(VENV)/.installed
+	@if [ -f protos/hsae/v1/hsae.proto ]; then $(BIN)/python -m hsae_runtime.serving.build_proto; fi
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/pyright
+
+test: lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-slow: install
+	$(BIN)/python -m pytest -m slow
+
+demo: install
+	$(BIN)/python -m hsae_runtime.demo
+
+bench: install
+	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+
+clean:
+	rm -rf $(VENV) hsae_runtime/serving/pb .pytest_cache .ruff_cache

@@ -1,0 +1,45 @@
+"""The ``hsae-runtime`` command line.
+
+One module per verb group registers its commands on the shared :data:`app`; each command imports
+torch, transformers, grpc ... inside its body, after logging is configured, so ``--help`` and
+``--version`` stay fast. :func:`main` is the console-script entry: it turns every
+:class:`~hsae_runtime.errors.HSAEError` into a one-line message and exit code 2 (no traceback).
+
+Run as ``hsae-runtime ...`` or ``python -m hsae_runtime.cli ...`` (the latter under torchrun).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+
+from hsae_runtime.cli import common, info
+from hsae_runtime.cli.app import app
+
+# Command modules register themselves on import. Keep this list in one place.
+_COMMAND_MODULES = ["hsae_runtime.cli.train", "hsae_runtime.cli.serve", "hsae_runtime.cli.export"]
+for _name in _COMMAND_MODULES:
+    try:
+        __import__(_name)
+    except ModuleNotFoundError as _err:  # a verb group not built yet must not break the others
+        if _err.name != _name:
+            raise
+
+__all__ = ["app", "main", "common", "info"]
+
+
+def main() -> None:
+    """Console-script entry point."""
+    from hsae_runtime.errors import HSAEError
+
+    try:
+        app()
+    except HSAEError as err:
+        logging.getLogger("hsae_runtime").debug("user error", exc_info=True)
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)

@@ -1,0 +1,154 @@
+"""The model file: ONE ``.safetensors`` file is the model.
+
+Layout: the four tensors ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``,
+``b_dec [d_in]`` and, in the safetensors ``__metadata__`` (string -> string), the keys
+
+- ``format``: ``"hsae-runtime"`` (anything else is a foreign file),
+- ``format_version``: an integer as text (we read versions up to :data:`FORMAT_VERSION`),
+- ``config``: the JSON of :class:`~hsae_runtime.config.SAEConfig`.
+
+Loading validates everything (header, metadata, tensor names, shapes, dtypes, finite values)
+and raises :class:`~hsae_runtime.errors.ModelFileError` with a hint; it never unpickles.
+Writes are atomic (temp file in the same folder, then ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from hsae_runtime.config import SAEConfig
+from hsae_runtime.errors import ConfigError, ModelFileError
+
+if TYPE_CHECKING:
+    from hsae_runtime.sae import SAE
+
+FORMAT_NAME = "hsae-runtime"
+FORMAT_VERSION = 1
+TENSOR_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+
+def expected_shapes(config: SAEConfig) -> dict[str, tuple[int, ...]]:
+    return {
+        "W_enc": (config.d_in, config.d_sae),
+        "b_enc": (config.d_sae,),
+        "W_dec": (config.d_sae, config.d_in),
+        "b_dec": (config.d_in,),
+    }
+
+
+def atomic_save_tensors(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
+    """``safetensors.save_file`` through a temp file + rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_sae(sae: SAE, path: str | Path) -> None:
+    metadata = {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "config": json.dumps(sae.config.to_dict()),
+    }
+    tensors = {name: getattr(sae, name) for name in TENSOR_NAMES}
+    atomic_save_tensors(tensors, path, metadata)
+
+
+def read_config(path: str | Path) -> SAEConfig:
+    """Read and validate only the header and config of a model file (no tensor data)."""
+    config, _ = _read_header(Path(path))
+    return config
+
+
+def _read_header(path: Path) -> tuple[SAEConfig, dict[str, str]]:
+    if not path.exists():
+        raise ModelFileError(f"model file not found: {path}")
+    if path.is_dir():
+        raise ModelFileError(
+            f"{path} is a folder, not a model file",
+            hint="import SAELens/sparsify folders with `hsae-runtime export --from-folder`",
+        )
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as err:  # safetensors raises its own error types for bad headers
+        raise ModelFileError(
+            f"{path} is not a readable safetensors file ({type(err).__name__}: {err})",
+            hint="the file may be truncated or not a model file",
+        ) from err
+    if metadata.get("format") != FORMAT_NAME:
+        raise ModelFileError(
+            f"{path} is a safetensors file but not an hsae-runtime model "
+            f"(format={metadata.get('format')!r})",
+            hint="convert SAELens or sparsify weights with hsae_runtime.exporters",
+        )
+    try:
+        version = int(metadata.get("format_version", ""))
+    except ValueError as err:
+        raise ModelFileError(f"{path}: bad format_version {metadata.get('format_version')!r}") from err
+    if version > FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path} has format version {version}, newer than this runtime's {FORMAT_VERSION}",
+            hint="upgrade hsae-runtime",
+        )
+    try:
+        config = SAEConfig.from_dict(json.loads(metadata.get("config", "")))
+    except json.JSONDecodeError as err:
+        raise ModelFileError(f"{path}: the config metadata is not valid JSON ({err})") from err
+    except ConfigError as err:
+        raise ModelFileError(f"{path}: invalid config: {err}") from err
+    return config, metadata
+
+
+def load_sae(path: str | Path, *, device: torch.device | str = "cpu") -> SAE:
+    from hsae_runtime.sae import SAE
+
+    path = Path(path)
+    config, _ = _read_header(path)
+    shapes = expected_shapes(config)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            names = set(f.keys())
+            if names != set(TENSOR_NAMES):
+                raise ModelFileError(
+                    f"{path}: expected tensors {sorted(TENSOR_NAMES)}, found {sorted(names)}"
+                )
+            tensors = {name: f.get_tensor(name) for name in TENSOR_NAMES}
+    except ModelFileError:
+        raise
+    except Exception as err:
+        raise ModelFileError(
+            f"{path}: could not read tensor data ({type(err).__name__}: {err})",
+            hint="the file may be truncated or corrupt",
+        ) from err
+    for name, tensor in tensors.items():
+        if tuple(tensor.shape) != shapes[name]:
+            raise ModelFileError(
+                f"{path}: tensor {name} has shape {tuple(tensor.shape)}, the config says "
+                f"{shapes[name]}"
+            )
+        if tensor.dtype != config.torch_dtype:
+            raise ModelFileError(
+                f"{path}: tensor {name} has dtype {tensor.dtype}, the config says {config.dtype}"
+            )
+        if not bool(torch.isfinite(tensor).all()):
+            raise ModelFileError(f"{path}: tensor {name} contains NaN or Inf")
+    sae = SAE(config, device="meta")
+    sae.load_state_dict(tensors, assign=True)
+    return sae.to(device)

@@ -1,0 +1,275 @@
+"""The HierarchicalTopK sparse autoencoder.
+
+One encoder pass serves every budget: ``encode(x, k)`` keeps the top-k pre-activations **sorted
+descending**, so the code at budget k is the first k entries of the code at any larger budget.
+``reconstruct(x, budgets)`` exploits that: one top-k at the largest budget, then prefix sums of
+the gathered decoder rows give every smaller budget.
+
+Parameters are named and oriented as SAELens does (``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``,
+``W_dec [d_sae, d_in]``, ``b_dec [d_in]``) so folders convert without transposes.
+
+Sparse codes stay ``(values, indices)`` end to end: decoding gathers k decoder rows with
+``F.embedding_bag`` and never builds a dense ``[N, d_sae]`` activation.
+
+Shape vocabulary: ``N`` tokens (leading dims flattened), ``d_in``, ``d_sae``, ``k``,
+``n_budgets``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hsae_runtime.config import SAEConfig
+from hsae_runtime.errors import InputError
+
+
+class SparseCode(NamedTuple):
+    """A sorted sparse code.
+
+    ``values [..., k]`` (descending along the last dim, ≥ 0) and ``indices [..., k]`` (int64
+    latent ids). Masked tail entries (per-row budgets) have value 0 and index -1.
+    """
+
+    values: Tensor
+    indices: Tensor
+
+    def prefix(self, k: int) -> SparseCode:
+        """The code at budget ``k``: the first k entries (codes are nested prefixes)."""
+        if k <= 0 or k > self.values.shape[-1]:
+            raise InputError(f"prefix budget must be in 1..{self.values.shape[-1]}, got {k}")
+        return SparseCode(self.values[..., :k], self.indices[..., :k])
+
+
+class SAE(nn.Module):
+    """A TopK SAE whose code at every budget is a prefix of the code at k_max."""
+
+    def __init__(self, config: SAEConfig, *, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.config = config
+        dtype = config.torch_dtype
+        self.W_enc = nn.Parameter(torch.empty(config.d_in, config.d_sae, dtype=dtype, device=device))
+        self.b_enc = nn.Parameter(torch.zeros(config.d_sae, dtype=dtype, device=device))
+        self.W_dec = nn.Parameter(torch.empty(config.d_sae, config.d_in, dtype=dtype, device=device))
+        self.b_dec = nn.Parameter(torch.zeros(config.d_in, dtype=dtype, device=device))
+        if self.W_dec.device.type != "meta":  # meta: the loader assigns the weights
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Unit-norm random decoder rows and a tied encoder (``W_enc = W_decᵀ``), zero biases."""
+        w = torch.randn(
+            self.config.d_sae, self.config.d_in, generator=generator, dtype=torch.float32
+        )
+        w /= w.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        self.W_dec.copy_(w)
+        self.W_enc.copy_(w.T)
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    # ------------------------------------------------------------------ validation
+    @property
+    def device(self) -> torch.device:
+        return self.W_dec.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_dec.dtype
+
+    def check_input(self, x: Tensor) -> Tensor:
+        """Validate ``x [..., d_in]`` and return it flattened to ``[N, d_in]`` in the SAE dtype."""
+        if not isinstance(x, Tensor):
+            raise InputError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if not (x.is_floating_point()):
+            raise InputError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        if x.ndim == 0 or x.shape[-1] != self.config.d_in:
+            raise InputError(
+                f"x must have shape [..., d_in={self.config.d_in}], got {tuple(x.shape)}",
+                hint="the activations must come from the hookpoint the SAE was trained on",
+            )
+        if x.numel() == 0:
+            raise InputError("x is empty: need at least one token")
+        if not bool(torch.isfinite(x).all()):
+            raise InputError("x contains NaN or Inf values")
+        return x.reshape(-1, self.config.d_in).to(device=self.device, dtype=self.dtype)
+
+    def check_budget(self, k: int) -> int:
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise InputError(f"budget k must be an int, got {type(k).__name__}")
+        if not 1 <= k <= self.config.k_max:
+            raise InputError(
+                f"budget k={k} is out of range 1..k_max={self.config.k_max}",
+                hint="this SAE was trained with k_max="
+                f"{self.config.k_max}; ask for a budget at most that",
+            )
+        return k
+
+    def check_budgets(self, budgets: Sequence[int]) -> list[int]:
+        budgets = list(budgets)
+        if not budgets:
+            raise InputError("budgets must not be empty")
+        return [self.check_budget(int(b) if not isinstance(b, bool) else b) for b in budgets]
+
+    # ------------------------------------------------------------------ encode
+    def pre_activations(self, x: Tensor) -> Tensor:
+        """Encoder pre-activations ``[N, d_sae]`` for an already validated ``x [N, d_in]``."""
+        if self.config.apply_b_dec_to_input:
+            x = x - self.b_dec
+        return torch.addmm(self.b_enc, x, self.W_enc)
+
+    def encode(self, x: Tensor, k: int | Tensor) -> SparseCode:
+        """Sorted top-k code of ``x [..., d_in]``.
+
+        ``k`` is an int (values/indices ``[..., k]``) or a per-row tensor of budgets ``[N]``
+        matching the flattened leading dims (values/indices ``[..., max(k)]``, each row's tail
+        past its own k masked with value 0 and index -1).
+        """
+        lead = x.shape[:-1] if isinstance(x, Tensor) else ()
+        flat = self.check_input(x)
+        n = flat.shape[0]
+        if isinstance(k, Tensor):
+            per_row = self._check_row_budgets(k, n)
+            k_top = int(per_row.max())
+        else:
+            per_row = None
+            k_top = self.check_budget(k)
+        pre = self.pre_activations(flat)  # (N, d_sae)
+        values, indices = torch.topk(pre, k_top, dim=-1, sorted=True)  # (N, k_top)
+        values = F.relu(values)
+        if per_row is not None:
+            keep = torch.arange(k_top, device=values.device) < per_row[:, None]  # (N, k_top)
+            values = values.masked_fill(~keep, 0.0)
+            indices = indices.masked_fill(~keep, -1)
+        return SparseCode(values.reshape(*lead, k_top), indices.reshape(*lead, k_top))
+
+    def _check_row_budgets(self, k: Tensor, n: int) -> Tensor:
+        if k.is_floating_point() or k.dtype == torch.bool:
+            raise InputError(f"per-row budgets must be an integer tensor, got dtype {k.dtype}")
+        k = k.reshape(-1)
+        if k.numel() != n:
+            raise InputError(f"per-row budgets have {k.numel()} entries but x has {n} rows")
+        lo, hi = int(k.min()), int(k.max())
+        if lo < 1 or hi > self.config.k_max:
+            raise InputError(
+                f"per-row budgets must lie in 1..k_max={self.config.k_max}, got min {lo}, max {hi}"
+            )
+        return k.to(device=self.device, dtype=torch.int64)
+
+    # ------------------------------------------------------------------ decode
+    def decode(self, code: SparseCode | tuple[Tensor, Tensor]) -> Tensor:
+        """Reconstruction ``[..., d_in]`` from a sparse code ``(values, indices) [..., k]``.
+
+        Index -1 marks a masked entry (contributes nothing). Gathers k decoder rows per token.
+        """
+        values, indices = code
+        if values.shape != indices.shape or values.ndim == 0:
+            raise InputError(
+                f"values and indices must have the same shape [..., k], got "
+                f"{tuple(values.shape)} and {tuple(indices.shape)}"
+            )
+        if indices.is_floating_point():
+            raise InputError(f"indices must be integers, got dtype {indices.dtype}")
+        lead, k = values.shape[:-1], values.shape[-1]
+        idx = indices.reshape(-1, k).to(device=self.device, dtype=torch.int64)
+        val = values.reshape(-1, k).to(device=self.device, dtype=self.dtype)
+        if idx.numel() and (int(idx.max()) >= self.config.d_sae or int(idx.min()) < -1):
+            raise InputError(f"indices must lie in 0..d_sae-1={self.config.d_sae - 1} (or -1)")
+        if not bool(torch.isfinite(val).all()):
+            raise InputError("code values contain NaN or Inf")
+        out = self._decode_flat(val, idx)  # (N, d_in)
+        return out.reshape(*lead, self.config.d_in)
+
+    def _decode_flat(self, values: Tensor, indices: Tensor, *, bias: bool = True) -> Tensor:
+        """``[N, k]`` values/indices (may hold -1) -> ``[N, d_in]``. No validation."""
+        masked = indices < 0
+        if bool(masked.any()):
+            indices = indices.masked_fill(masked, 0)
+            values = values.masked_fill(masked, 0.0)
+        out = F.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum")
+        return out + self.b_dec if bias else out
+
+    def decode_dense(self, code: SparseCode) -> Tensor:
+        """Reference decoder through a dense ``[N, d_sae]`` activation (tests, benchmarks)."""
+        values, indices = code
+        k = values.shape[-1]
+        idx = indices.reshape(-1, k)
+        val = values.reshape(-1, k).masked_fill(idx < 0, 0.0)
+        dense = torch.zeros(idx.shape[0], self.config.d_sae, dtype=self.dtype, device=self.device)
+        dense.scatter_add_(1, idx.clamp_min(0), val.to(self.dtype))
+        out = dense @ self.W_dec + self.b_dec
+        return out.reshape(*values.shape[:-1], self.config.d_in)
+
+    # ------------------------------------------------------------------ multi-budget
+    def reconstruct(self, x: Tensor, budgets: Sequence[int]) -> Tensor:
+        """Reconstructions at several budgets from ONE encode: ``[n_budgets, ..., d_in]``.
+
+        Output order follows ``budgets``. Uses segment sums of gathered decoder rows between
+        consecutive sorted budgets, accumulated, so memory stays ``O(n_budgets · N · d_in)``.
+        """
+        requested = self.check_budgets(budgets)
+        lead = x.shape[:-1]
+        code = self.encode(x, max(requested))
+        flat = SparseCode(code.values.reshape(-1, code.values.shape[-1]),
+                          code.indices.reshape(-1, code.indices.shape[-1]))
+        recons = self.reconstruct_from_code(flat, requested)  # (n_budgets, N, d_in)
+        return recons.reshape(len(requested), *lead, self.config.d_in)
+
+    def reconstruct_from_code(self, code: SparseCode, budgets: Sequence[int]) -> Tensor:
+        """``code [N, K]`` (sorted, K ≥ max(budgets)) -> ``[n_budgets, N, d_in]`` in given order."""
+        values, indices = code
+        ordered = sorted(set(budgets))
+        out: dict[int, Tensor] = {}
+        running = self.b_dec.expand(values.shape[0], -1)
+        start = 0
+        for b in ordered:
+            seg = self._decode_flat(values[:, start:b], indices[:, start:b], bias=False)
+            running = running + seg
+            out[b] = running
+            start = b
+        return torch.stack([out[b] for b in budgets])
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str | Path) -> None:
+        """Write the single-file model (weights + config in the safetensors metadata)."""
+        from hsae_runtime.format import save_sae
+
+        save_sae(self, path)
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: torch.device | str = "cpu") -> SAE:
+        """Load and validate a model file written by :meth:`save`."""
+        from hsae_runtime.format import load_sae
+
+        return load_sae(path, device=device)
+
+
+def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
+    """Fraction of variance unexplained over a batch.
+
+    ``x [..., d_in]``, ``x_hat [..., d_in]`` or ``[n_budgets, ..., d_in]`` ->
+    scalar or ``[n_budgets]``: ``Σ‖x − x̂‖² / Σ‖x − mean(x)‖²`` (mean over tokens).
+    """
+    d = x.shape[-1]
+    flat = x.reshape(-1, d).double()
+    denom = (flat - flat.mean(0)).pow(2).sum()
+    if x_hat.shape == x.shape:
+        return ((flat - x_hat.reshape(-1, d).double()).pow(2).sum() / denom).to(x.dtype)
+    hat = x_hat.reshape(x_hat.shape[0], -1, d).double()
+    return ((hat - flat).pow(2).sum(dim=(1, 2)) / denom).to(x.dtype)
+
+
+def per_token_fvu(x: Tensor, x_hat: Tensor, center: Tensor) -> Tensor:
+    """Per-token unexplained fraction ``‖x − x̂‖² / ‖x − center‖²``.
+
+    With ``center = sae.b_dec`` (the reconstruction at budget 0) this is 1.0 for a budget that
+    explains nothing and 0.0 for a perfect reconstruction. ``x [..., d_in]``,
+    ``x_hat [..., d_in]`` or ``[n_budgets, ..., d_in]`` -> ``[...]`` or ``[n_budgets, ...]``.
+    """
+    num = (x_hat - x).pow(2).sum(-1)
+    den = (x - center).pow(2).sum(-1).clamp_min(torch.finfo(x.dtype).tiny)
+    return num / den
