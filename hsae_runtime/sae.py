@@ -52,11 +52,11 @@ class SAE(nn.Module):
     def __init__(self, config: SAEConfig, *, device: torch.device | str | None = None) -> None:
         super().__init__()
         self.config = config
-        dtype = config.torch_dtype
-        self.W_enc = nn.Parameter(torch.empty(config.d_in, config.d_sae, dtype=dtype, device=device))
-        self.b_enc = nn.Parameter(torch.zeros(config.d_sae, dtype=dtype, device=device))
-        self.W_dec = nn.Parameter(torch.empty(config.d_sae, config.d_in, dtype=dtype, device=device))
-        self.b_dec = nn.Parameter(torch.zeros(config.d_in, dtype=dtype, device=device))
+        kw = {"dtype": config.torch_dtype, "device": device}
+        self.W_enc = nn.Parameter(torch.empty(config.d_in, config.d_sae, **kw))
+        self.b_enc = nn.Parameter(torch.zeros(config.d_sae, **kw))
+        self.W_dec = nn.Parameter(torch.empty(config.d_sae, config.d_in, **kw))
+        self.b_dec = nn.Parameter(torch.zeros(config.d_in, **kw))
         if self.W_dec.device.type != "meta":  # meta: the loader assigns the weights
             self.reset_parameters()
 

@@ -89,7 +89,9 @@ def test_foreign_and_inconsistent_files(tmp_path: Path) -> None:
         "newer": (tensors, cfg, {"format_version": "99"}, "newer"),
         "noconfig": (tensors, None, {}, "JSON"),
         "badconfig": (tensors, {**cfg, "k_max": 999}, {}, "k_max"),
-        "missing": ({k: v for k, v in tensors.items() if k != "b_dec"}, cfg, {}, "expected tensors"),
+        "missing": (
+            {k: v for k, v in tensors.items() if k != "b_dec"}, cfg, {}, "expected tensors"
+        ),
         "extra": ({**tensors, "threshold": torch.zeros(40)}, cfg, {}, "expected tensors"),
         "shape": ({**tensors, "W_enc": tensors["W_enc"].T.contiguous()}, cfg, {}, "shape"),
         "dtype": ({**tensors, "b_dec": tensors["b_dec"].double()}, cfg, {}, "dtype"),
