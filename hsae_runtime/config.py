@@ -123,7 +123,9 @@ class SAEConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(f"unknown SAE config keys: {unknown}", hint=f"known keys: {sorted(known)}")
+            raise ConfigError(
+                f"unknown SAE config keys: {unknown}", hint=f"known keys: {sorted(known)}"
+            )
         missing = sorted({"d_in", "d_sae", "k_max"} - set(data))
         if missing:
             raise ConfigError(f"SAE config is missing required keys: {missing}")

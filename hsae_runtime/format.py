@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 FORMAT_NAME = "hsae-runtime"
 FORMAT_VERSION = 1
 TENSOR_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
+_IMPORT_HINT = (
+    "convert SAELens/sparsify folders with `hsae-runtime import FOLDER --out MODEL.safetensors`"
+)
 
 
 def expected_shapes(config: SAEConfig) -> dict[str, tuple[int, ...]]:
@@ -54,6 +57,9 @@ def atomic_save_tensors(
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a model file is for sharing
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -82,7 +88,7 @@ def _read_header(path: Path) -> tuple[SAEConfig, dict[str, str]]:
     if path.is_dir():
         raise ModelFileError(
             f"{path} is a folder, not a model file",
-            hint="import SAELens/sparsify folders with `hsae-runtime export --from-folder`",
+            hint=_IMPORT_HINT,
         )
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -96,12 +102,13 @@ def _read_header(path: Path) -> tuple[SAEConfig, dict[str, str]]:
         raise ModelFileError(
             f"{path} is a safetensors file but not an hsae-runtime model "
             f"(format={metadata.get('format')!r})",
-            hint="convert SAELens or sparsify weights with hsae_runtime.exporters",
+            hint=_IMPORT_HINT,
         )
     try:
         version = int(metadata.get("format_version", ""))
     except ValueError as err:
-        raise ModelFileError(f"{path}: bad format_version {metadata.get('format_version')!r}") from err
+        bad = metadata.get("format_version")
+        raise ModelFileError(f"{path}: bad format_version {bad!r}") from err
     if version > FORMAT_VERSION:
         raise ModelFileError(
             f"{path} has format version {version}, newer than this runtime's {FORMAT_VERSION}",

@@ -27,6 +27,8 @@ from torch import Tensor, nn
 
 from hsae_runtime.config import SAEConfig
 from hsae_runtime.errors import InputError
+from hsae_runtime.kernels.prefix_decode import prefix_decode
+from hsae_runtime.kernels.topk import masked_topk
 
 
 class SparseCode(NamedTuple):
@@ -139,13 +141,26 @@ class SAE(nn.Module):
             per_row = None
             k_top = self.check_budget(k)
         pre = self.pre_activations(flat)  # (N, d_sae)
-        values, indices = torch.topk(pre, k_top, dim=-1, sorted=True)  # (N, k_top)
-        values = F.relu(values)
-        if per_row is not None:
-            keep = torch.arange(k_top, device=values.device) < per_row[:, None]  # (N, k_top)
-            values = values.masked_fill(~keep, 0.0)
-            indices = indices.masked_fill(~keep, -1)
+        values, indices = masked_topk(pre, k_top, per_row)  # (N, k_top); Triton on CUDA
         return SparseCode(values.reshape(*lead, k_top), indices.reshape(*lead, k_top))
+
+    def encode_for_training(self, x: Tensor, k: int) -> SparseCode:
+        """:meth:`encode` for an int ``k`` with a k-sparse backward (the lean training step).
+
+        Same values and indices as ``encode(x, k)``; gradients reach ``W_enc``/``b_enc`` only
+        through the k selected latents of each token (no dense ``[N, d_sae]`` backward). See
+        :mod:`hsae_runtime.sparse_encoder`.
+        """
+        from hsae_runtime.sparse_encoder import encode_for_training
+
+        lead = x.shape[:-1] if isinstance(x, Tensor) else ()
+        flat = self.check_input(x)
+        k = self.check_budget(k)
+        values, indices = encode_for_training(
+            flat, self.W_enc, self.b_enc, self.b_dec, k,
+            apply_b_dec=self.config.apply_b_dec_to_input,
+        )
+        return SparseCode(values.reshape(*lead, k), indices.reshape(*lead, k))
 
     def _check_row_budgets(self, k: Tensor, n: int) -> Tensor:
         if k.is_floating_point() or k.dtype == torch.bool:
@@ -222,16 +237,7 @@ class SAE(nn.Module):
     def reconstruct_from_code(self, code: SparseCode, budgets: Sequence[int]) -> Tensor:
         """``code [N, K]`` (sorted, K ≥ max(budgets)) -> ``[n_budgets, N, d_in]`` in given order."""
         values, indices = code
-        ordered = sorted(set(budgets))
-        out: dict[int, Tensor] = {}
-        running = self.b_dec.expand(values.shape[0], -1)
-        start = 0
-        for b in ordered:
-            seg = self._decode_flat(values[:, start:b], indices[:, start:b], bias=False)
-            running = running + seg
-            out[b] = running
-            start = b
-        return torch.stack([out[b] for b in budgets])
+        return prefix_decode(values, indices, self.W_dec, self.b_dec, budgets)  # Triton on CUDA
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | Path) -> None:

@@ -1,0 +1,478 @@
+"""Serving benchmark: the four ratios of issue 4, measured in one run, printed as a table.
+
+    python benchmarks/bench_serving.py            # ~2-4 minutes on a 2-core CPU
+    python benchmarks/bench_serving.py --quick    # fewer repetitions (smoke test)
+
+A random Gemma-2-2B-sized SAE (d_in 2304, d_sae 16384, k_max 64) is served by real
+``hsae-runtime serve --no-lm`` processes on 127.0.0.1; clients are threads of this process.
+
+1. Loopback / in-process: one Encode of 256x2304 float32 activations at k=64 through gRPC
+   (client -> server -> numpy result) over ``sae.encode`` in this process. Target <= 1.2.
+2. 8 budgets / 1 budget: the same request asking for 8,16,...,64 vs only 64. The code is
+   returned once at the largest budget, so this should be ~1. Target <= 1.1. (With per-budget
+   FVU the server must also build 8 prefix reconstructions; shown for information.)
+3. Batching on / off: 16 concurrent clients, each sending single-row requests - (a) one
+   activation row [1, 2304], (b) one word of text through Gemma-3 270M up to layer 6 (needs
+   the ``gguf`` extra; skipped without it) - throughput of a server with dynamic batching over
+   one started with ``--no-batching``. Target >= 4. Shown with the default ``--max-wait-ms 5``
+   and with 25 ms: 16 lockstep clients need a few ms to send their next requests after a
+   batch answers, and a 5 ms window on a busy machine splits them over several forwards. The
+   "in-process bound" row is what the SAE math alone gains from one 16-row encode over 16
+   one-row encodes on this machine: the server cannot beat it for (a).
+4. Load: 32 clients x 200 mixed requests (encodes of 1-8 rows at mixed budgets, FVU and
+   reconstructions, decodes, info, and ~15% bad requests that must get INVALID_ARGUMENT).
+   Target: 0 unexpected errors, server RSS growth < 5% (after a warm-up round); p50/p99 shown.
+
+Ratios use medians of interleaved repetitions, so slow drifts of a shared machine cancel out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import numpy as np
+import torch
+
+from hsae_runtime.config import SAEConfig
+from hsae_runtime.sae import SAE
+from hsae_runtime.serving import build_proto
+
+build_proto.ensure()
+
+from hsae_runtime.client import Client, ServerError  # noqa: E402
+
+D_IN, D_SAE, K_MAX = 2304, 16384, 64
+BUDGETS8 = [8, 16, 24, 32, 40, 48, 56, 64]
+
+
+# ---------------------------------------------------------------------------- server process
+class ServerProcess:
+    def __init__(self, model: Path, *extra: str, lm: bool = False) -> None:
+        cmd = [sys.executable, "-m", "hsae_runtime.cli", "serve", str(model),
+               "--port", "0", "--device", "cpu", *extra, *([] if lm else ["--no-lm"])]  # fmt: skip
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+        assert self.proc.stderr is not None
+        lines = []
+        for line in self.proc.stderr:
+            lines.append(line)
+            match = re.search(r"serving on 127\.0\.0\.1:(\d+)", line)
+            if match:
+                self.port = int(match.group(1))
+                break
+        else:
+            raise RuntimeError("server did not start:\n" + "".join(lines))
+        self.log: list[str] = []
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.log.append(line)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(60)
+
+
+def median_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1e3
+
+
+# ---------------------------------------------------------------------------- 1 + 2
+def bench_latency(model: Path, sae: SAE, reps: int) -> dict[str, float]:
+    x = torch.randn(256, D_IN)
+    x_np = x.numpy()
+    server = ServerProcess(model)
+    try:
+        with Client(server.address, timeout=120) as c:
+            for _ in range(3):  # warm-up: connections, allocator, torch kernels
+                sae.encode(x, K_MAX)
+                c.encode(activations=x_np, budgets=[K_MAX])
+            local, remote, one, eight, one_fvu, eight_fvu = [], [], [], [], [], []
+            for _ in range(reps):
+                t = time.perf_counter()
+                with torch.inference_mode():
+                    sae.encode(x, K_MAX)
+                local.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                c.encode(activations=x_np, budgets=[K_MAX])
+                remote.append(time.perf_counter() - t)
+                one.append(remote[-1])
+                t = time.perf_counter()
+                c.encode(activations=x_np, budgets=BUDGETS8)
+                eight.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                c.encode(activations=x_np, budgets=[K_MAX], fvu=True)
+                one_fvu.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                c.encode(activations=x_np, budgets=BUDGETS8, fvu=True)
+                eight_fvu.append(time.perf_counter() - t)
+    finally:
+        server.stop()
+    return {
+        "in_process_ms": median_ms(local),
+        "loopback_ms": median_ms(remote),
+        "one_budget_ms": median_ms(one),
+        "eight_budgets_ms": median_ms(eight),
+        "one_budget_fvu_ms": median_ms(one_fvu),
+        "eight_budgets_fvu_ms": median_ms(eight_fvu),
+    }
+
+
+# ---------------------------------------------------------------------------- 3
+# One word each: with the BOS token skipped, every request encodes exactly one row.
+WORDS = ["Paris", "river", "music", "seven", "castle", "winter", "engine", "poetry"]
+
+
+def throughput(address: str, clients: int, per_client: int, text: bool = False) -> float:
+    rng = np.random.default_rng(0)
+    rows = [rng.standard_normal((1, D_IN)).astype(np.float32) for _ in range(clients)]
+
+    def request(c: Client, i: int) -> None:
+        if text:
+            c.encode(text=WORDS[i % len(WORDS)], budgets=[K_MAX])
+        else:
+            c.encode(activations=rows[i], budgets=[K_MAX])
+
+    barrier = threading.Barrier(clients + 1)
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            with Client(address, timeout=300) as c:
+                request(c, i)  # connect and warm up before the clock
+                barrier.wait()
+                for _ in range(per_client):
+                    request(c, i)
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    if errors:
+        raise errors[0]
+    return clients * per_client / elapsed
+
+
+def in_process_bound(sae: SAE, reps: int) -> float:
+    """16 x encode(1 row) time / encode(16 rows) time: the most batching can gain in the SAE."""
+    one, sixteen = torch.randn(1, D_IN), torch.randn(16, D_IN)
+    singles, batched = [], []
+    with torch.inference_mode():
+        for _ in range(reps):
+            t = time.perf_counter()
+            sae.encode(one, K_MAX)
+            singles.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            sae.encode(sixteen, K_MAX)
+            batched.append(time.perf_counter() - t)
+    return 16 * statistics.median(singles) / statistics.median(batched)
+
+
+def bench_batching(model: Path, per_client: int, lm: bool = False) -> dict[str, float]:
+    out = {}
+    for name, extra in (
+        ("off", ("--no-batching",)),
+        ("on", ()),  # the default --max-wait-ms 5
+        ("on_wait25", ("--max-wait-ms", "25")),
+    ):
+        server = ServerProcess(model, *extra, lm=lm)
+        try:
+            out[f"batching_{name}_rps"] = throughput(server.address, 16, per_client, text=lm)
+        finally:
+            server.stop()
+    return out
+
+
+def lm_sae(folder: Path) -> Path | None:
+    """A random SAE for Gemma-3 270M's layer 6 (d_in 640), or None without the GGUF package."""
+    try:
+        from hsae_runtime.lm import gemma3_270m_path
+
+        gguf = gemma3_270m_path()
+    except Exception as err:  # noqa: BLE001 - the LM row is optional
+        print(f"(skipping the LM batching row: {err})")
+        return None
+    config = SAEConfig(
+        d_in=640, d_sae=4096, k_max=K_MAX, model_name=str(gguf), hookpoint="model.layers.6"
+    )
+    path = folder / "gemma3.safetensors"
+    SAE(config).save(path)
+    return path
+
+
+# ---------------------------------------------------------------------------- 4
+BAD_KINDS = ("budget_zero", "budget_over", "wrong_width", "nan", "empty")
+
+
+def mixed_request(c: Client, rng: random.Random) -> tuple[str, grpc.StatusCode | None]:
+    """Send one random request; return (kind, the status code we expect: None = OK)."""
+    roll = rng.random()
+    rows = rng.choice((1, 1, 2, 4, 8))
+    x = np.random.default_rng(rng.randrange(2**31)).standard_normal((rows, D_IN))
+    x = x.astype(np.float32)
+    if roll < 0.15:
+        kind = rng.choice(BAD_KINDS)
+        match kind:
+            case "budget_zero":
+                c.encode(activations=x, budgets=[0, 8])
+            case "budget_over":
+                c.encode(activations=x, budgets=[K_MAX + 1])
+            case "wrong_width":
+                c.encode(activations=x[:, :100], budgets=[8])
+            case "nan":
+                x[0, 0] = np.nan
+                c.encode(activations=x, budgets=[8])
+            case "empty":
+                c.encode(activations=np.zeros((0, D_IN), np.float32), budgets=[8])
+            case other:
+                raise ValueError(other)
+        return kind, grpc.StatusCode.INVALID_ARGUMENT
+    if roll < 0.20:
+        c.info()
+        return "info", None
+    budgets = sorted(rng.sample([8, 16, 32, 64], rng.randint(1, 4)))
+    if roll < 0.30:
+        res = c.encode(activations=x, budgets=budgets)
+        c.decode(res.indices, res.values, budgets=budgets)
+        return "encode+decode", None
+    recon, fvu = rng.random() < 0.1, rng.random() < 0.3
+    c.encode(activations=x, budgets=budgets, reconstructions=recon, fvu=fvu)
+    return "encode", None
+
+
+def load_round(address: str, clients: int, per_client: int, seed: int) -> dict[str, object]:
+    latencies: list[float] = []
+    unexpected: list[str] = []
+    kinds: Counter[str] = Counter()
+    lock = threading.Lock()
+
+    def run(i: int) -> None:
+        rng = random.Random(seed * 1000 + i)
+        with Client(address, timeout=300) as c:
+            for _ in range(per_client):
+                t = time.perf_counter()
+                try:
+                    kind, expected = mixed_request(c, rng)
+                    got = None
+                except ServerError as err:
+                    kind, expected, got = "error", grpc.StatusCode.INVALID_ARGUMENT, err.code
+                    detail = str(err)
+                else:
+                    detail = ""
+                dt = time.perf_counter() - t
+                with lock:
+                    latencies.append(dt)
+                    kinds[kind] += 1
+                    if kind != "error" and expected is not None:
+                        unexpected.append(f"{kind}: expected {expected.name}, got OK")
+                    elif kind == "error" and got != expected:
+                        unexpected.append(detail)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    lat = sorted(latencies)
+    return {
+        "requests": len(lat),
+        "bad_requests": kinds["error"],
+        "unexpected": unexpected,
+        "p50_ms": lat[len(lat) // 2] * 1e3,
+        "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3,
+        "rps": len(lat) / elapsed,
+    }
+
+
+def bench_load(model: Path, per_client: int) -> dict[str, object]:
+    server = ServerProcess(model)
+    try:
+        # Warm-up: handler threads, malloc arenas and MKL's buffers for the varying batch
+        # shapes reach their working size first (RSS plateaus after ~4000 requests here), so
+        # the growth measured below is what a leak would show, not first-use allocation.
+        load_round(server.address, 32, max(per_client * 2 // 3, 5), seed=1)
+        rss_before = server.rss_bytes()
+        result = load_round(server.address, 32, per_client, seed=2)
+        rss_after = server.rss_bytes()
+        rc = server.stop()
+    except BaseException:
+        server.proc.kill()
+        raise
+    result["rss_before_mb"] = rss_before / 2**20
+    result["rss_after_mb"] = rss_after / 2**20
+    result["rss_growth_pct"] = 100 * (rss_after - rss_before) / rss_before
+    result["exit_code"] = rc
+    return result
+
+
+# ---------------------------------------------------------------------------- main
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), grpcio {grpc.__version__}, "
+        f"Python {platform.python_version()}"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    args = parser.parse_args()
+    reps, per_client, load_per_client = (5, 5, 20) if args.quick else (15, 25, 200)
+
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=D_IN, d_sae=D_SAE, k_max=K_MAX, budgets=tuple(BUDGETS8)))
+    sae.requires_grad_(False)
+    with torch.no_grad():
+        sae.b_enc.normal_(0.0, 0.05)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(tmp) / "bench.safetensors"
+        sae.save(model)
+        lat = bench_latency(model, sae, reps)
+        thr = bench_batching(model, per_client)
+        bound = in_process_bound(sae, reps)
+        lm_model = lm_sae(Path(tmp))
+        thr_lm = bench_batching(lm_model, per_client, lm=True) if lm_model else None
+        load = bench_load(model, load_per_client)
+
+    rows: list[tuple[str, str, str, str, bool | None]] = []
+
+    def row(name: str, values: str, ratio: str = "", target: str = "", ok: bool | None = None):
+        rows.append((name, values, ratio, target, ok))
+
+    r = lat["loopback_ms"] / lat["in_process_ms"]
+    row(
+        "loopback / in-process, encode 256x2304 at k=64",
+        f"{lat['loopback_ms']:.1f} / {lat['in_process_ms']:.1f} ms",
+        f"{r:.2f}",
+        "<= 1.2",
+        r <= 1.2,
+    )
+    r = lat["eight_budgets_ms"] / lat["one_budget_ms"]
+    row(
+        "8 budgets / 1 budget (codes)",
+        f"{lat['eight_budgets_ms']:.1f} / {lat['one_budget_ms']:.1f} ms",
+        f"{r:.2f}",
+        "<= 1.1",
+        r <= 1.1,
+    )
+    r = lat["eight_budgets_fvu_ms"] / lat["one_budget_fvu_ms"]
+    row(
+        "8 budgets / 1 budget (with per-token FVU)",
+        f"{lat['eight_budgets_fvu_ms']:.1f} / {lat['one_budget_fvu_ms']:.1f} ms",
+        f"{r:.2f}",
+        "(info)",
+    )
+    for name, t in (
+        ("16 single-row activation clients", thr),
+        ("16 single-word text clients (Gemma-3 270M L6)", thr_lm),
+    ):
+        if t is not None:
+            r = t["batching_on_rps"] / t["batching_off_rps"]
+            row(
+                f"{name}, batching on (max wait 5 ms, default) / off",
+                f"{t['batching_on_rps']:.0f} / {t['batching_off_rps']:.0f} req/s",
+                f"{r:.1f}",
+                "(info)",
+            )
+            r = t["batching_on_wait25_rps"] / t["batching_off_rps"]
+            row(
+                f"{name}, batching on (max wait 25 ms) / off",
+                f"{t['batching_on_wait25_rps']:.0f} / {t['batching_off_rps']:.0f} req/s",
+                f"{r:.1f}",
+                ">= 4",
+                r >= 4,
+            )
+        if t is thr:
+            row(
+                "  (in-process bound: 16 x encode(1 row) / encode(16 rows))",
+                "",
+                f"{bound:.1f}",
+                "(info)",
+            )
+    unexpected = load["unexpected"]
+    assert isinstance(unexpected, list)
+    row(
+        f"load: 32 clients x {load_per_client} mixed requests, unexpected errors",
+        f"{load['requests']} requests, {load['bad_requests']} bad",
+        str(len(unexpected)),
+        "0",
+        not unexpected,
+    )
+    row(
+        "load: latency p50 / p99",
+        f"{load['p50_ms']:.1f} / {load['p99_ms']:.1f} ms ({load['rps']:.0f} req/s)",
+    )
+    growth = float(load["rss_growth_pct"])  # type: ignore[arg-type]
+    row(
+        "load: server RSS growth",
+        f"{load['rss_before_mb']:.0f} -> {load['rss_after_mb']:.0f} MiB",
+        f"{growth:+.1f}%",
+        "< 5%",
+        growth < 5,
+    )
+    row(
+        "load: server exit code on SIGTERM", "", str(load["exit_code"]), "0", load["exit_code"] == 0
+    )
+
+    print(f"machine: {machine()}")
+    print(f"load average at the end: {Path('/proc/loadavg').read_text().split()[:3]}")
+    print(f"SAE: d_in={D_IN} d_sae={D_SAE} k_max={K_MAX} float32, backend torch, CPU\n")
+    print("| measurement | values | ratio | target | met |")
+    print("|---|---|---|---|---|")
+    for name, values, ratio, target, ok in rows:
+        mark = "" if ok is None else ("yes" if ok else "**no**")
+        print(f"| {name} | {values} | {ratio} | {target} | {mark} |")
+    for line in unexpected[:10]:
+        print(f"unexpected: {line}")
+    failed = [name for name, *_, ok in rows if ok is False]
+    if failed:
+        print(f"\nmissed targets: {failed}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,145 @@
+"""``hsae-runtime serve MODEL`` (the gRPC server) and ``hsae-runtime encode`` (query one).
+
+grpc, torch and transformers are imported inside the command bodies, after logging is set up,
+so ``hsae-runtime --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from hsae_runtime.cli.app import app
+from hsae_runtime.errors import ConfigError
+
+
+@app.command()
+def serve(
+    model: Path = typer.Argument(..., help="The .safetensors SAE model file to serve."),
+    lm: str = typer.Option(None, "--lm", help="LM hub id, folder or .gguf (default: the SAE's)."),
+    hookpoint: str = typer.Option(None, "--hookpoint", help="Hookpoint (default: the SAE's)."),
+    no_lm: bool = typer.Option(False, "--no-lm", help="Serve raw-activation requests only."),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind (0.0.0.0 = all)."),
+    port: int = typer.Option(50051, help="TCP port (0 = any free port)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    backend: str = typer.Option("torch", help="SAE backend: torch or onnx."),
+    lm_dtype: str = typer.Option("float32", help="LM dtype: float32, float16 or bfloat16."),
+    max_batch_tokens: int = typer.Option(8192, help="Most tokens in one batched forward."),
+    max_wait_ms: float = typer.Option(5.0, help="How long a request waits for batch-mates."),
+    max_queue: int = typer.Option(256, help="Queued requests before RESOURCE_EXHAUSTED."),
+    no_batching: bool = typer.Option(False, "--no-batching", help="One forward per request."),
+    max_request_tokens: int = typer.Option(8192, help="Most tokens / rows in one request."),
+    max_message_mb: int = typer.Option(64, help="Largest gRPC message, MiB, both directions."),
+    tls_cert: Path = typer.Option(None, help="PEM certificate chain (with --tls-key)."),
+    tls_key: Path = typer.Option(None, help="PEM private key (with --tls-cert)."),
+    token_file: Path = typer.Option(None, help="File holding the bearer token clients must send."),
+    grace: float = typer.Option(10.0, help="Seconds in-flight requests get on SIGTERM/SIGINT."),
+) -> None:
+    """Serve an SAE over gRPC on a live LM: sparse codes at the budgets each request asks for."""
+    from hsae_runtime.serving.backend import BackendName
+    from hsae_runtime.serving.batcher import BatcherConfig
+    from hsae_runtime.serving.server import ServerOptions, load_and_start, serve_forever
+    from hsae_runtime.serving.servicer import ServingLimits
+
+    if backend not in ("torch", "onnx"):
+        raise ConfigError(f"unknown backend {backend!r}", hint="choose torch or onnx")
+    backend_name: BackendName = "torch" if backend == "torch" else "onnx"
+    _pin_malloc_mmap_threshold()
+    options = ServerOptions(
+        host=host,
+        port=port,
+        limits=ServingLimits(
+            max_request_tokens=max_request_tokens, max_message_bytes=max_message_mb * 2**20
+        ),
+        batching=BatcherConfig(
+            max_batch_tokens=max_batch_tokens,
+            max_wait_ms=max_wait_ms,
+            max_queue=max_queue,
+            batching=not no_batching,
+        ),
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        token=_read_token(token_file),
+    )
+    running = load_and_start(
+        model,
+        lm_name=lm,
+        hookpoint=hookpoint,
+        no_lm=no_lm,
+        device=device,
+        lm_dtype=lm_dtype,
+        backend=backend_name,
+        options=options,
+    )
+    serve_forever(running, grace=grace)
+
+
+@app.command()
+def encode(
+    text: str = typer.Argument(..., help="Text to encode (use - to read stdin)."),
+    server: str = typer.Option("127.0.0.1:50051", "--server", help="Server address host:port."),
+    budgets: str = typer.Option("8,32", help="Comma-separated budgets, e.g. 8,16,32."),
+    top: int = typer.Option(8, help="Latents shown per token."),
+    include_special: bool = typer.Option(False, help="Also encode special tokens (BOS...)."),
+    tls_cert: Path = typer.Option(None, help="CA / self-signed certificate: connect with TLS."),
+    token_file: Path = typer.Option(None, help="File holding the bearer token."),
+    timeout: float = typer.Option(60.0, help="Deadline in seconds."),
+) -> None:
+    """Encode text on a running server and print tokens, per-budget FVU and top latents."""
+    import sys
+
+    from hsae_runtime.client import Client, ServerError, format_table
+
+    try:
+        wanted = [int(b) for b in budgets.split(",") if b.strip()]
+    except ValueError as err:
+        raise ConfigError(f"--budgets must be comma-separated integers, got {budgets!r}") from err
+    if text == "-":
+        text = sys.stdin.read()
+    tls: bool | Path = tls_cert if tls_cert is not None else False
+    with Client(server, token=_read_token(token_file), tls=tls, timeout=timeout) as client:
+        try:
+            result = client.encode(
+                text=text, budgets=wanted, fvu=True, include_special_tokens=include_special
+            )
+        except ServerError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(1) from err
+    typer.echo(format_table(result, top=top))
+
+
+def _pin_malloc_mmap_threshold(threshold: int = 1 << 20) -> None:
+    """Keep glibc from growing the heap with per-batch buffers (a long-running server's RSS).
+
+    glibc raises its mmap threshold each time a large mmapped block is freed, so after a few
+    batches the multi-MB pre-activation buffers come from the heap, which fragments and keeps
+    the process's RSS creeping up under mixed load. Setting the threshold explicitly turns that
+    adjustment off: buffers over 1 MiB are mmapped and returned to the OS when freed.
+    """
+    import ctypes
+    import ctypes.util
+    import logging
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    m_mmap_threshold = -3  # from glibc's malloc.h
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        ok = libc.mallopt(m_mmap_threshold, threshold)
+    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
+        return
+    logging.getLogger(__name__).debug("mallopt(M_MMAP_THRESHOLD, %d) -> %d", threshold, ok)
+
+
+def _read_token(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        token = path.read_text().strip()
+    except OSError as err:
+        raise ConfigError(f"cannot read token file {path}: {err}") from err
+    if not token:
+        raise ConfigError(f"token file {path} is empty")
+    return token

@@ -1,0 +1,385 @@
+"""Python client for the hsae.v1 server: numpy in, numpy out.
+
+::
+
+    from hsae_runtime.client import Client
+
+    with Client("127.0.0.1:50051") as client:
+        print(client.info())
+        res = client.encode(text="The cat sat.", budgets=[8, 32], fvu=True)
+        values, indices = res.codes(8)        # [N, 8]: the first 8 entries of the k=32 code
+        print(res.tokens, res.fvu[8])
+
+The server returns the code once, at the largest requested budget; :meth:`EncodeResult.codes`
+slices the nested prefix for any smaller one. Message-size limits are set explicitly (gRPC's
+4 MiB default receive limit is too small for real activation batches). Server errors raise
+:class:`ServerError` carrying the gRPC status code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from hsae_runtime.errors import InputError
+from hsae_runtime.serving.stubs import load as load_stubs
+
+pb, pb_grpc = load_stubs()
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20
+
+_NP_TO_WIRE = {
+    np.dtype(np.float32): pb.DTYPE_FLOAT32,
+    np.dtype(np.float16): pb.DTYPE_FLOAT16,
+    np.dtype(np.int32): pb.DTYPE_INT32,
+}
+_WIRE_TO_NP = {v: k for k, v in _NP_TO_WIRE.items()}
+_OUTPUT_DTYPES = {"float32": pb.DTYPE_FLOAT32, "float16": pb.DTYPE_FLOAT16}
+
+
+class ServerError(RuntimeError):
+    """The server answered with an error status. ``code`` is a :class:`grpc.StatusCode`."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self.code = code
+        self.details = details
+        super().__init__(f"{code.name}: {details}")
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What :meth:`Client.info` reports."""
+
+    lm_name: str
+    hookpoint: str
+    d_in: int
+    d_sae: int
+    k_max: int
+    trained_budgets: tuple[int, ...]
+    dtype: str
+    server_version: str
+    has_lm: bool
+    max_request_tokens: int
+    max_message_bytes: int
+    backend: str
+    device: str
+
+
+@dataclass
+class EncodeResult:
+    """One encoded input. Arrays are numpy; ``N`` = code rows (tokens), ``k`` = largest budget.
+
+    For activation inputs the leading dims of the request are kept (``[..., k]``).
+    """
+
+    k: int
+    values: np.ndarray
+    """``[N, k]`` float32/float16, descending along the last axis."""
+    indices: np.ndarray
+    """``[N, k]`` int32 latent ids."""
+    budgets: list[int]
+    token_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    """``[N]`` ids of the encoded tokens (text / token inputs)."""
+    tokens: list[str] = field(default_factory=list)
+    """``N`` token strings (text / token inputs)."""
+    positions: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    """``[N]`` positions in the tokenised input (special tokens may be skipped)."""
+    reconstructions: dict[int, np.ndarray] = field(default_factory=dict)
+    """budget -> ``[N, d_in]`` (when asked)."""
+    fvu: dict[int, np.ndarray] = field(default_factory=dict)
+    """budget -> ``[N]`` per-token FVU (when asked)."""
+    request_id: str = ""
+
+    def codes(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(values, indices)`` at budget ``k`` (a prefix of the returned code), ``[N, k]``."""
+        if not 1 <= k <= self.k:
+            raise InputError(
+                f"budget {k} is not in 1..{self.k} (the code was returned at k={self.k})"
+            )
+        return self.values[..., :k], self.indices[..., :k]
+
+
+def _array(msg: Any) -> np.ndarray:
+    if msg.dtype not in _WIRE_TO_NP:
+        raise ValueError(f"unexpected tensor dtype {msg.dtype} from the server")
+    return np.frombuffer(msg.data, dtype=_WIRE_TO_NP[msg.dtype]).reshape(tuple(msg.shape))
+
+
+def _tensor(x: Any, what: str) -> Any:
+    arr = np.asarray(x)
+    if arr.dtype not in _NP_TO_WIRE:
+        if arr.dtype.kind == "f":
+            arr = arr.astype(np.float32)
+        elif arr.dtype.kind in "iu" and what == "indices":
+            arr = arr.astype(np.int32)
+        else:
+            raise InputError(f"{what}: unsupported dtype {arr.dtype}")
+    arr = np.ascontiguousarray(arr)
+    return pb.Tensor(data=arr.tobytes(), shape=list(arr.shape), dtype=_NP_TO_WIRE[arr.dtype])
+
+
+def result_from_pb(resp: Any, budgets: Sequence[int]) -> EncodeResult:
+    res = EncodeResult(
+        k=resp.k,
+        values=_array(resp.values),
+        indices=_array(resp.indices),
+        budgets=list(budgets),
+        token_ids=np.asarray(resp.token_ids, dtype=np.int32),
+        tokens=list(resp.tokens),
+        positions=np.asarray(resp.positions, dtype=np.int32),
+        request_id=resp.request_id,
+    )
+    for item in resp.budgets:
+        if item.HasField("reconstruction"):
+            res.reconstructions[item.budget] = _array(item.reconstruction)
+        if item.HasField("fvu"):
+            res.fvu[item.budget] = _array(item.fvu)
+    return res
+
+
+class Client:
+    """A connection to an hsae-runtime server.
+
+    ``tls``: ``False`` (plain TCP), ``True`` (TLS with the system's roots) or a path to a PEM
+    CA / self-signed certificate. ``token`` is sent as ``authorization: Bearer <token>``.
+    ``timeout`` (seconds) is the default deadline of every call.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        token: str | None = None,
+        tls: bool | str | Path = False,
+        *,
+        timeout: float | None = 60.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        server_name: str | None = None,
+    ) -> None:
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
+        if tls is False:
+            self._channel = grpc.insecure_channel(address, options=options)
+        else:
+            roots = None if tls is True else Path(tls).read_bytes()
+            creds = grpc.ssl_channel_credentials(root_certificates=roots)
+            self._channel = grpc.secure_channel(address, creds, options=options)
+        self._stub = pb_grpc.HSAEStub(self._channel)
+        self._metadata = [("authorization", f"Bearer {token}")] if token else None
+        self.timeout = timeout
+
+    # ------------------------------------------------------------------ plumbing
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return method(request, timeout=timeout or self.timeout, metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise ServerError(err.code(), err.details() or "") from err  # type: ignore[attr-defined]
+
+    # ------------------------------------------------------------------ RPCs
+    def info(self, timeout: float | None = None) -> ServerInfo:
+        r = self._call(self._stub.Info, pb.InfoRequest(), timeout)
+        return ServerInfo(
+            lm_name=r.lm_name,
+            hookpoint=r.hookpoint,
+            d_in=r.d_in,
+            d_sae=r.d_sae,
+            k_max=r.k_max,
+            trained_budgets=tuple(r.trained_budgets),
+            dtype=r.dtype,
+            server_version=r.server_version,
+            has_lm=r.has_lm,
+            max_request_tokens=r.max_request_tokens,
+            max_message_bytes=r.max_message_bytes,
+            backend=r.backend,
+            device=r.device,
+        )
+
+    def encode(
+        self,
+        text: str | None = None,
+        *,
+        tokens: Sequence[int] | np.ndarray | None = None,
+        activations: Any | None = None,
+        budgets: Sequence[int],
+        reconstructions: bool = False,
+        fvu: bool = False,
+        include_special_tokens: bool = False,
+        output_dtype: str = "float32",
+        request_id: str = "",
+        timeout: float | None = None,
+    ) -> EncodeResult:
+        """Encode one input (exactly one of ``text`` / ``tokens`` / ``activations [..., d_in]``)."""
+        request = self.encode_request(
+            text=text,
+            tokens=tokens,
+            activations=activations,
+            budgets=budgets,
+            reconstructions=reconstructions,
+            fvu=fvu,
+            include_special_tokens=include_special_tokens,
+            output_dtype=output_dtype,
+            request_id=request_id,
+        )
+        return result_from_pb(self._call(self._stub.Encode, request, timeout), request.budgets)
+
+    def stream(
+        self,
+        requests: Iterable[dict[str, Any]],
+        *,
+        timeout: float | None = None,
+        raise_errors: bool = True,
+    ) -> Iterator[EncodeResult | ServerError]:
+        """Pipeline many encodes over one EncodeStream; yields results in request order.
+
+        Each item of ``requests`` holds :meth:`encode`'s keyword arguments. A failed item raises
+        :class:`ServerError` (or, with ``raise_errors=False``, is yielded as one).
+        """
+        sent: list[list[int]] = []
+
+        def gen() -> Iterator[Any]:
+            for kwargs in requests:
+                request = self.encode_request(**kwargs)
+                sent.append(list(request.budgets))
+                yield request
+
+        try:
+            responses = self._stub.EncodeStream(
+                gen(), timeout=timeout or None, metadata=self._metadata
+            )
+            for i, resp in enumerate(responses):
+                if resp.HasField("error"):
+                    err = ServerError(_status_code(resp.error.code), resp.error.message)
+                    if raise_errors:
+                        raise err
+                    yield err
+                    continue
+                yield result_from_pb(resp, sent[i])
+        except grpc.RpcError as err:
+            raise ServerError(err.code(), err.details() or "") from err  # type: ignore[attr-defined]
+
+    def decode(
+        self,
+        indices: Any,
+        values: Any,
+        budgets: Sequence[int] | None = None,
+        *,
+        output_dtype: str = "float32",
+        timeout: float | None = None,
+    ) -> np.ndarray:
+        """Reconstruct from a code ``[..., k]``: ``[..., d_in]``, or ``[n_budgets, ..., d_in]``
+        when ``budgets`` is given (prefix reconstructions)."""
+        request = pb.DecodeRequest(
+            indices=_tensor(np.asarray(indices).astype(np.int32, copy=False), "indices"),
+            values=_tensor(values, "values"),
+            budgets=list(budgets or []),
+            output_dtype=_output_dtype(output_dtype),
+        )
+        resp = self._call(self._stub.Decode, request, timeout)
+        recons = [_array(item.reconstruction) for item in resp.reconstructions]
+        return recons[0] if budgets is None else np.stack(recons)
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def encode_request(
+        text: str | None = None,
+        *,
+        tokens: Sequence[int] | np.ndarray | None = None,
+        activations: Any | None = None,
+        budgets: Sequence[int],
+        reconstructions: bool = False,
+        fvu: bool = False,
+        include_special_tokens: bool = False,
+        output_dtype: str = "float32",
+        request_id: str = "",
+    ) -> Any:
+        """Build an ``hsae.v1.EncodeRequest`` (validation happens on the server)."""
+        given = [
+            name
+            for name, v in (("text", text), ("tokens", tokens), ("activations", activations))
+            if v is not None
+        ]
+        if len(given) != 1:
+            raise InputError(
+                f"pass exactly one of text, tokens, activations (got {given or 'none'})"
+            )
+        request = pb.EncodeRequest(
+            budgets=[int(b) for b in budgets],
+            return_reconstructions=reconstructions,
+            return_fvu=fvu,
+            include_special_tokens=include_special_tokens,
+            output_dtype=_output_dtype(output_dtype),
+            request_id=request_id,
+        )
+        if text is not None:
+            request.text = text
+        elif tokens is not None:
+            request.tokens.ids.extend(int(t) for t in np.asarray(tokens).reshape(-1))
+        else:
+            arr: Any = activations
+            if hasattr(arr, "detach"):  # a torch tensor; numpy has no bfloat16
+                arr = arr.detach().cpu()
+                arr = (arr.float() if str(arr.dtype) == "torch.bfloat16" else arr).numpy()
+            request.activations.CopyFrom(_tensor(arr, "activations"))
+        return request
+
+
+def _output_dtype(name: str) -> int:
+    if name not in _OUTPUT_DTYPES:
+        raise InputError(f"output_dtype must be one of {sorted(_OUTPUT_DTYPES)}, got {name!r}")
+    return _OUTPUT_DTYPES[name]
+
+
+def _status_code(number: int) -> grpc.StatusCode:
+    for code in grpc.StatusCode:
+        if code.value[0] == number:
+            return code
+    return grpc.StatusCode.UNKNOWN
+
+
+def format_table(result: EncodeResult, top: int = 8) -> str:
+    """A readable table of ``result``: one line per token, FVU per budget, top latents.
+
+    Codes are nested, so one latent list serves every budget; ``|`` marks where each requested
+    budget ends inside the shown prefix.
+    """
+    rows = result.values.reshape(-1, result.k)
+    idx = result.indices.reshape(-1, result.k)
+    n = rows.shape[0]
+    labels = [repr(t) for t in result.tokens] if result.tokens else [f"row {i}" for i in range(n)]
+    width = min(max([len(s) for s in labels] + [5]), 24)
+    budgets = sorted(set(result.budgets))
+    fvu_budgets = [b for b in budgets if b in result.fvu]
+    shown = min(top, result.k)
+    header = f"{'token':<{width}}  " + "".join(f"{'fvu@' + str(b):>9}" for b in fvu_budgets)
+    header += f"  top {shown} latents (id:value), budgets {','.join(map(str, budgets))} nested"
+    lines = [header, "-" * len(header)]
+    for i in range(n):
+        label = labels[i] if len(labels[i]) <= width else labels[i][: width - 1] + "…"
+        line = f"{label:<{width}}  "
+        line += "".join(f"{float(result.fvu[b].reshape(-1)[i]):>9.3f}" for b in fvu_budgets)
+        parts = []
+        for j in range(shown):
+            if idx[i, j] < 0:
+                break
+            parts.append(f"{int(idx[i, j])}:{float(rows[i, j]):.2f}")
+            if j + 1 in budgets and j + 1 < shown:
+                parts.append("|")
+        lines.append(line + "  " + " ".join(parts))
+    return "\n".join(lines)

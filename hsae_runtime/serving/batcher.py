@@ -1,0 +1,320 @@
+"""Dynamic batching: many concurrent requests -> one LM forward and one SAE encode.
+
+Request threads (gRPC's pool) turn a parsed request into a :class:`Job` (tokenising text on
+their own thread) and :meth:`Batcher.submit` it to a bounded queue; a full queue raises
+:class:`~hsae_runtime.serving.errors.QueueFullError` (RESOURCE_EXHAUSTED) at once instead of
+letting latency grow without bound. One worker thread owns the models:
+
+1. it takes the oldest job, then keeps collecting until the batch holds ``max_batch_tokens``
+   (padded LM tokens + activation rows) or ``max_wait_ms`` has passed since that job arrived;
+2. drops jobs whose client has gone (cancelled) or whose deadline has passed;
+3. runs the LM once on the right-padded token batch, stopped at the hookpoint
+   (:func:`hsae_runtime.lm.capture`), and keeps each job's wanted rows;
+4. encodes all rows of all jobs with ONE top-k at the batch's largest budget - codes are nested
+   prefixes, so each job slices ``[:, :k]`` for its own budget;
+5. computes per-job reconstructions / FVU and resolves each job's future.
+
+If a batch fails, its jobs are retried one by one so one bad job cannot fail its neighbours.
+One worker (not a pool) because the models are shared and a single CPU/GPU stream is the
+bottleneck anyway; parallelism comes from batching. ``stats`` counts batches and LM forwards
+so tests can see coalescing happen.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from hsae_runtime.sae import SparseCode, per_token_fvu
+from hsae_runtime.serving.backend import Backend
+from hsae_runtime.serving.convert import EncodeOutput
+from hsae_runtime.serving.errors import (
+    CancelledError,
+    DeadlineError,
+    QueueFullError,
+    ShuttingDownError,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatcherConfig:
+    """Limits of the batching queue."""
+
+    max_batch_tokens: int = 8192
+    """Most tokens (padded LM positions + activation rows) in one batch. A single larger
+    request still runs, alone."""
+
+    max_wait_ms: float = 5.0
+    """How long the oldest queued job may wait for others to join its batch."""
+
+    max_queue: int = 256
+    """Most jobs waiting; beyond it requests get RESOURCE_EXHAUSTED."""
+
+    batching: bool = True
+    """False runs every job alone (one forward / encode per request): for benchmarks."""
+
+    def __post_init__(self) -> None:
+        if self.max_batch_tokens < 1:
+            raise ValueError(
+                f"BatcherConfig.max_batch_tokens must be >= 1, got {self.max_batch_tokens}"
+            )
+        if self.max_wait_ms < 0:
+            raise ValueError(f"BatcherConfig.max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        if self.max_queue < 1:
+            raise ValueError(f"BatcherConfig.max_queue must be >= 1, got {self.max_queue}")
+
+
+@dataclass
+class LMInput:
+    """A token sequence for the LM and which of its positions to encode."""
+
+    token_ids: Tensor
+    """``[T]`` int64."""
+    keep: Tensor
+    """``[T]`` bool: positions whose activations are encoded."""
+
+
+@dataclass
+class Job:
+    """One request's work. Exactly one of ``lm_input`` / ``activations`` is set."""
+
+    budgets: list[int]
+    reconstructions: bool = False
+    fvu: bool = False
+    activations: Tensor | None = None
+    """``[N, d_in]`` rows (raw-activation requests)."""
+    lm_input: LMInput | None = None
+    deadline: float | None = None
+    """``time.monotonic()`` after which the result is useless."""
+    is_active: Callable[[], bool] = lambda: True
+    future: Future[EncodeOutput] = field(default_factory=Future)
+    enqueued: float = 0.0
+    cancelled: bool = False
+
+    @property
+    def k(self) -> int:
+        return max(self.budgets)
+
+    @property
+    def cost(self) -> int:
+        if self.lm_input is not None:
+            return int(self.lm_input.token_ids.shape[0])
+        assert self.activations is not None
+        return int(self.activations.shape[0])
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass
+class BatcherStats:
+    """Counters (read them under no lock: they only grow and are for tests and logs)."""
+
+    requests: int = 0
+    batches: int = 0
+    lm_forwards: int = 0
+    encodes: int = 0
+    rows: int = 0
+    dropped: int = 0
+
+
+_STOP = object()
+
+
+class Batcher:
+    """Owns the models; turns queued :class:`Job` s into batched forwards and encodes.
+
+    ``capture(token_ids [B, T], attention_mask [B, T]) -> [B, T, d_in]`` runs the LM up to the
+    hookpoint (``None`` on a ``--no-lm`` server).
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        capture: Callable[[Tensor, Tensor], Tensor] | None,
+        config: BatcherConfig | None = None,
+        *,
+        pad_id: int = 0,
+    ) -> None:
+        self.backend = backend
+        self.capture = capture
+        self.config = config or BatcherConfig()
+        self.pad_id = pad_id
+        self.stats = BatcherStats()
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=self.config.max_queue)
+        self._closed = False
+        self._lock = threading.Lock()
+        self._carry: deque[Job] = deque()
+        self._center = backend.fvu_center()
+        self._worker = threading.Thread(target=self._run, name="hsae-batcher", daemon=True)
+        self._worker.start()
+
+    # ------------------------------------------------------------------ request side
+    def submit(self, job: Job) -> Future[EncodeOutput]:
+        """Queue ``job``; raises QueueFullError / ShuttingDownError instead of blocking."""
+        with self._lock:
+            if self._closed:
+                raise ShuttingDownError("the server is shutting down")
+            job.enqueued = time.monotonic()
+            try:
+                self._queue.put_nowait(job)
+            except queue.Full:
+                raise QueueFullError(
+                    f"the request queue is full ({self.config.max_queue} waiting); retry later"
+                ) from None
+            self.stats.requests += 1
+        return job.future
+
+    def run(self, job: Job, timeout: float | None = None) -> EncodeOutput:
+        """Submit and wait (the request thread's call). ``timeout`` is the client's deadline."""
+        future = self.submit(job)
+        try:
+            return future.result(timeout=timeout)
+        except TimeoutError:
+            job.cancel()
+            raise DeadlineError("deadline exceeded while waiting for the batch") from None
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop taking jobs, finish the queued ones, stop the worker."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._queue.put(_STOP)
+        self._worker.join(timeout)
+
+    # ------------------------------------------------------------------ worker side
+    def _next(self, timeout: float | None) -> object:
+        if self._carry:
+            return self._carry.popleft()
+        if timeout is None:
+            return self._queue.get()
+        if timeout <= 0:
+            return self._queue.get_nowait()
+        return self._queue.get(timeout=timeout)
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._next(None)
+            if first is _STOP:
+                break
+            assert isinstance(first, Job)
+            batch = [first]
+            wait_until = first.enqueued + self.config.max_wait_ms / 1e3
+            while self.config.batching and _padded_cost(batch) < self.config.max_batch_tokens:
+                try:
+                    item = self._next(wait_until - time.monotonic())
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stopping = True
+                    break
+                assert isinstance(item, Job)
+                if _padded_cost([*batch, item]) > self.config.max_batch_tokens:
+                    self._carry.append(item)
+                    break
+                batch.append(item)
+            self._process(batch)
+        while self._carry:  # jobs carried over when STOP arrived
+            self._process([self._carry.popleft()])
+
+    def _process(self, batch: list[Job]) -> None:
+        live = [job for job in batch if self._still_wanted(job)]
+        if not live:
+            return
+        try:
+            outputs = self._compute(live)
+        except Exception as err:  # noqa: BLE001 - isolate the failing job, see below
+            if len(live) == 1:
+                live[0].future.set_exception(err)
+                return
+            log.warning("a batch of %d failed (%s); retrying its jobs one by one", len(live), err)
+            for job in live:
+                self._process([job])
+            return
+        for job, out in zip(live, outputs):
+            job.future.set_result(out)
+
+    def _still_wanted(self, job: Job) -> bool:
+        if job.cancelled or not job.is_active():
+            job.future.set_exception(CancelledError("the request was cancelled"))
+        elif job.deadline is not None and time.monotonic() > job.deadline:
+            job.future.set_exception(DeadlineError("deadline exceeded before the batch ran"))
+        else:
+            return True
+        self.stats.dropped += 1
+        return False
+
+    def _compute(self, jobs: list[Job]) -> list[EncodeOutput]:
+        rows = self._rows(jobs)  # one [N_j, d_in] tensor per job
+        x = torch.cat(rows) if len(rows) > 1 else rows[0]  # (N, d_in)
+        k = max(job.k for job in jobs)
+        code = self.backend.encode(x, k)  # (N, k): one top-k for the whole batch
+        self.stats.batches += 1
+        self.stats.encodes += 1
+        self.stats.rows += x.shape[0]
+        outputs = []
+        start = 0
+        for job, xj in zip(jobs, rows):
+            n = xj.shape[0]
+            sub = SparseCode(
+                code.values[start : start + n, : job.k], code.indices[start : start + n, : job.k]
+            )
+            start += n
+            out = EncodeOutput(values=sub.values.cpu(), indices=sub.indices.cpu())
+            if job.reconstructions or job.fvu:
+                recon = self.backend.reconstruct_from_code(sub, job.budgets)  # (n_budgets, n, d_in)
+                if job.reconstructions:
+                    out.reconstructions = recon.cpu()
+                if job.fvu:
+                    center = self._center.to(recon.device)
+                    out.fvu = per_token_fvu(xj.float().to(recon.device), recon, center).cpu()
+            outputs.append(out)
+        return outputs
+
+    def _rows(self, jobs: list[Job]) -> list[Tensor]:
+        lm_jobs = [job for job in jobs if job.lm_input is not None]
+        acts: dict[int, Tensor] = {}
+        if lm_jobs:
+            assert self.capture is not None, "LM job on a server without an LM"
+            lengths = [int(job.lm_input.token_ids.shape[0]) for job in lm_jobs]  # type: ignore[union-attr]
+            ids = torch.full((len(lm_jobs), max(lengths)), self.pad_id, dtype=torch.long)  # (B, T)
+            mask = torch.zeros_like(ids)
+            for i, job in enumerate(lm_jobs):
+                assert job.lm_input is not None
+                ids[i, : lengths[i]] = job.lm_input.token_ids
+                mask[i, : lengths[i]] = 1
+            hidden = self.capture(ids, mask)  # (B, T, d_in), right padding leaves rows intact
+            self.stats.lm_forwards += 1
+            for i, job in enumerate(lm_jobs):
+                assert job.lm_input is not None
+                keep = job.lm_input.keep.to(hidden.device)
+                acts[id(job)] = hidden[i, : lengths[i]][keep]
+        out = []
+        for job in jobs:
+            if job.lm_input is not None:
+                out.append(acts[id(job)])
+            else:
+                assert job.activations is not None
+                out.append(job.activations)
+        dtype = self.backend.config.torch_dtype
+        return [t.to(device=self.backend.device, dtype=dtype) for t in out]
+
+
+def _padded_cost(jobs: list[Job]) -> int:
+    """Tokens the batch costs: LM sequences padded to the longest, plus activation rows."""
+    lengths = [job.cost for job in jobs if job.lm_input is not None]
+    rows = sum(job.cost for job in jobs if job.lm_input is None)
+    return len(lengths) * max(lengths, default=0) + rows

@@ -1,0 +1,151 @@
+"""THE place that maps exceptions to gRPC status codes.
+
+Every RPC handler is wrapped by :func:`handle_errors`; the auth interceptor and the EncodeStream
+per-item errors go through :func:`status_for` too, so one table decides what a client sees:
+
+============================================  =====================
+exception                                     status
+============================================  =====================
+InputError, ConfigError, HookpointError ...   INVALID_ARGUMENT
+  (any :class:`~hsae_runtime.errors.HSAEError`)
+:class:`OversizeError`, :class:`QueueFullError`  RESOURCE_EXHAUSTED
+:class:`AuthError`                            UNAUTHENTICATED
+:class:`NotServedError`                       FAILED_PRECONDITION
+:class:`DeadlineError`                        DEADLINE_EXCEEDED
+:class:`CancelledError`                       CANCELLED
+:class:`ShuttingDownError`                    UNAVAILABLE
+anything else (a bug)                         INTERNAL, logged with its traceback
+============================================  =====================
+
+User errors keep their message and hint; INTERNAL hides the exception text from the client (it
+may leak paths or tensors) and says to read the server log instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from hsae_runtime.errors import HSAEError
+
+log = logging.getLogger(__name__)
+
+
+class ServingError(Exception):
+    """Base of the server-side conditions that are not bad input values."""
+
+    code = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        super().__init__(message)
+
+
+class OversizeError(ServingError):
+    """A request or response larger than the configured message size."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class QueueFullError(ServingError):
+    """The batching queue is full: the client should back off and retry."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class AuthError(ServingError):
+    """Missing or wrong bearer token."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class NotServedError(ServingError):
+    """A request the server is not set up for (e.g. text on a ``--no-lm`` server)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class DeadlineError(ServingError):
+    """The client's deadline passed before the request was served."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class CancelledError(ServingError):
+    """The client cancelled the request."""
+
+    code = grpc.StatusCode.CANCELLED
+
+
+class ShuttingDownError(ServingError):
+    """The server is stopping and takes no new work."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+def status_for(err: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and client-visible message for ``err`` (logs bugs)."""
+    match err:
+        case ServingError():
+            return err.code, err.message
+        case HSAEError():
+            return grpc.StatusCode.INVALID_ARGUMENT, str(err)
+        case _:
+            log.error("internal error serving a request", exc_info=err)
+            return (
+                grpc.StatusCode.INTERNAL,
+                f"internal server error ({type(err).__name__}); see the server log",
+            )
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def handle_errors(method: F) -> F:
+    """Wrap a servicer method: map exceptions to a status, log one debug line per request.
+
+    Works for unary handlers and for generator (streaming-response) handlers.
+    """
+    name = method.__name__
+
+    def finish(context: grpc.ServicerContext, start: float, err: BaseException | None) -> None:
+        ms = (time.perf_counter() - start) * 1e3
+        if err is None:
+            log.debug("%s OK %.1f ms peer=%s", name, ms, context.peer())
+            return
+        code, message = status_for(err)
+        log.debug("%s %s %.1f ms peer=%s: %s", name, code.name, ms, context.peer(), message)
+        context.abort(code, message)
+
+    if inspect.isgeneratorfunction(method):
+
+        @functools.wraps(method)
+        def stream_wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+            start = time.perf_counter()
+            try:
+                yield from method(self, request, context)
+            except Exception as err:  # noqa: BLE001 - mapped to a status right here
+                finish(context, start, err)
+            else:
+                finish(context, start, None)
+
+        return stream_wrapper  # type: ignore[return-value]
+
+    @functools.wraps(method)
+    def unary_wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        start = time.perf_counter()
+        try:
+            response = method(self, request, context)
+        except Exception as err:  # noqa: BLE001 - mapped to a status right here
+            finish(context, start, err)
+            raise AssertionError("context.abort returned") from err  # abort always raises
+        finish(context, start, None)
+        return response
+
+    return unary_wrapper  # type: ignore[return-value]

@@ -1,0 +1,310 @@
+"""The gRPC server: wiring, security options, health, reflection and graceful shutdown.
+
+* Binds ``127.0.0.1`` unless told otherwise, with ``SO_REUSEPORT`` off so a second server on
+  the same port fails loudly instead of silently sharing it.
+* Message sizes are explicit on both directions (gRPC's default receive limit, 4 MiB, is
+  smaller than one 456x2304 float32 request).
+* ``grpc.health.v1`` (always reachable without a token, for probes) and server reflection (so
+  ``grpcurl`` works) are always on.
+* TLS from a PEM cert/key pair; a bearer token (``authorization: Bearer <token>``) checked by
+  an interceptor in constant time. A token over plain TCP is readable on the wire: use both.
+* :meth:`RunningServer.stop`: health goes NOT_SERVING, new RPCs are refused, in-flight ones get
+  ``grace`` seconds, then the batcher drains and stops. :func:`serve_forever` calls it on
+  SIGTERM / SIGINT.
+
+:func:`start` takes a ready backend (tests, benchmarks); :func:`load_and_start` loads the model
+file and the LM the way ``hsae-runtime serve`` does.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from hsae_runtime.errors import ConfigError
+from hsae_runtime.serving.backend import Backend, BackendName, load_backend
+from hsae_runtime.serving.batcher import Batcher, BatcherConfig
+from hsae_runtime.serving.errors import AuthError, status_for
+from hsae_runtime.serving.servicer import HSAEServicer, ServingLimits
+from hsae_runtime.serving.stubs import load as load_stubs
+
+pb, pb_grpc = load_stubs()
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "hsae.v1.HSAE"
+_HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """Network, security and capacity settings of a server."""
+
+    host: str = "127.0.0.1"
+    """Interface to bind; ``0.0.0.0`` exposes the server to the network."""
+    port: int = 50051
+    """TCP port; 0 picks a free one (tests)."""
+    limits: ServingLimits = field(default_factory=ServingLimits)
+    batching: BatcherConfig = field(default_factory=BatcherConfig)
+    tls_cert: Path | None = None
+    """PEM certificate chain; with ``tls_key`` turns on TLS."""
+    tls_key: Path | None = None
+    """PEM private key for ``tls_cert``."""
+    token: str | None = None
+    """Bearer token every call except health must carry."""
+    max_workers: int = 64
+    """gRPC handler threads: bounds concurrent RPCs being served (the rest wait in gRPC)."""
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError(
+                "TLS needs both a certificate and a key", hint="pass --tls-cert and --tls-key"
+            )
+        if self.token is not None and not self.token.strip():
+            raise ConfigError("the token is empty", hint="put a non-empty token in --token-file")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in 0..65535, got {self.port}")
+
+
+class _TokenInterceptor(grpc.ServerInterceptor):
+    """Refuses calls without ``authorization: Bearer <token>`` (health checks pass freely)."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    def intercept_service(self, continuation: Callable[..., Any], details: Any) -> Any:
+        handler = continuation(details)
+        if handler is None or details.method.startswith(_HEALTH_PREFIX):
+            return handler
+        got = dict(details.invocation_metadata).get("authorization", "")
+        if hmac.compare_digest(str(got).encode(), self._expected):
+            return handler
+        code, message = status_for(
+            AuthError("missing or wrong token: send metadata 'authorization: Bearer <token>'")
+        )
+        log.debug("%s %s peer rejected", details.method, code.name)
+
+        def deny(_request: Any, context: grpc.ServicerContext) -> Any:
+            context.abort(code, message)
+
+        match (handler.request_streaming, handler.response_streaming):
+            case (False, False):
+                return grpc.unary_unary_rpc_method_handler(deny)
+            case (False, True):
+                return grpc.unary_stream_rpc_method_handler(deny)
+            case (True, False):
+                return grpc.stream_unary_rpc_method_handler(deny)
+            case (True, True):
+                return grpc.stream_stream_rpc_method_handler(deny)
+            case other:
+                raise ValueError(f"unexpected handler kind {other}")
+
+
+class RunningServer:
+    """A started server. ``port`` is the bound port (useful with port 0)."""
+
+    def __init__(
+        self,
+        server: grpc.Server,
+        port: int,
+        servicer: HSAEServicer,
+        health: Any,
+        options: ServerOptions,
+    ) -> None:
+        self.server = server
+        self.port = port
+        self.servicer = servicer
+        self.batcher = servicer.batcher
+        self.health = health
+        self.options = options
+        self._stopped = threading.Event()
+
+    @property
+    def address(self) -> str:
+        host = self.options.host
+        host = f"[{host}]" if ":" in host else host
+        return f"{host}:{self.port}"
+
+    def stop(self, grace: float | None = 10.0) -> None:
+        """Refuse new RPCs, give in-flight ones ``grace`` seconds, then stop the batcher."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        self.batcher.close(timeout=grace)
+        log.info("server on %s stopped", self.address)
+
+    def wait(self) -> None:
+        self.server.wait_for_termination()
+
+
+def start(
+    backend: Backend,
+    *,
+    lm: Any | None = None,
+    hookpoint: str = "",
+    capture: Callable[..., Any] | None = None,
+    options: ServerOptions | None = None,
+    version: str | None = None,
+) -> RunningServer:
+    """Start serving ``backend`` (and ``lm`` via ``capture(ids, mask)``) in background threads."""
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection
+
+    from hsae_runtime import __version__
+
+    options = options or ServerOptions()
+    pad_id = 0
+    if lm is not None:
+        pad = getattr(lm.tokenizer, "pad_token_id", None)
+        pad_id = pad if isinstance(pad, int) else 0
+    batcher = Batcher(backend, capture, options.batching, pad_id=pad_id)
+    servicer = HSAEServicer(
+        batcher, lm=lm, hookpoint=hookpoint, limits=options.limits, version=version or __version__
+    )
+    size = options.limits.max_message_bytes
+    interceptors: list[grpc.ServerInterceptor] = []
+    if options.token:
+        interceptors.append(_TokenInterceptor(options.token))
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=options.max_workers, thread_name_prefix="hsae-grpc"),
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_receive_message_length", size),
+            ("grpc.max_send_message_length", size),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    pb_grpc.add_HSAEServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (
+        SERVICE_NAME,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    )
+    reflection.enable_server_reflection(names, server)
+
+    host = f"[{options.host}]" if ":" in options.host else options.host
+    address = f"{host}:{options.port}"
+    try:
+        if options.tls_cert is not None and options.tls_key is not None:
+            creds = grpc.ssl_server_credentials(
+                [(Path(options.tls_key).read_bytes(), Path(options.tls_cert).read_bytes())]
+            )
+            port = server.add_secure_port(address, creds)
+        else:
+            port = server.add_insecure_port(address)
+    except (OSError, RuntimeError) as err:
+        batcher.close()
+        raise ConfigError(
+            f"cannot bind {address}: {err}", hint="is the port already in use?"
+        ) from err
+    server.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    running = RunningServer(server, port, servicer, health_servicer, options)
+    cfg = backend.config
+    log.info(
+        "hsae-runtime %s serving on %s%s%s | SAE d_in=%d d_sae=%d k_max=%d budgets=%s (%s, %s) | "
+        "LM %s @ %s | max batch %d tokens, max wait %.1f ms, queue %d",
+        servicer.version,
+        running.address,
+        " (TLS)" if options.tls_cert else "",
+        " (token)" if options.token else "",
+        cfg.d_in,
+        cfg.d_sae,
+        cfg.k_max,
+        _budget_text(cfg.trained_budgets, cfg.k_max),
+        backend.name,
+        backend.device,
+        lm.name if lm is not None else "none (--no-lm: activations only)",
+        hookpoint or "-",
+        options.batching.max_batch_tokens,
+        options.batching.max_wait_ms,
+        options.batching.max_queue,
+    )
+    return running
+
+
+def load_and_start(
+    model: str | Path,
+    *,
+    lm_name: str | None = None,
+    hookpoint: str | None = None,
+    no_lm: bool = False,
+    device: str = "auto",
+    lm_dtype: str = "float32",
+    backend: BackendName = "torch",
+    options: ServerOptions | None = None,
+) -> RunningServer:
+    """Load the SAE file (and its LM unless ``no_lm``) and start serving them."""
+    from hsae_runtime.format import read_config
+    from hsae_runtime.lm import resolve_device
+
+    config = read_config(model)
+    dev = resolve_device(device)
+    sae_backend = load_backend(model, backend=backend, device=dev)
+    if no_lm:
+        return start(sae_backend, options=options)
+
+    from hsae_runtime.lm import capture, load_lm, resolve_hookpoint
+
+    name = lm_name or config.model_name
+    if not name:
+        raise ConfigError(
+            f"{model} does not name its language model",
+            hint="pass --lm NAME_OR_PATH, or --no-lm to serve raw activations only",
+        )
+    hp_name = hookpoint or config.hookpoint
+    if not hp_name:
+        raise ConfigError(
+            f"{model} does not name its hookpoint", hint="pass --hookpoint, e.g. model.layers.6"
+        )
+    lm = load_lm(name, dtype=lm_dtype, device=dev)
+    hp = resolve_hookpoint(lm.model, hp_name)
+    if lm.d_model != config.d_in:
+        raise ConfigError(
+            f"the LM's width d_model={lm.d_model} does not match the SAE's d_in={config.d_in}",
+            hint="serve the SAE with the LM it was trained on",
+        )
+
+    def run_lm(ids: Any, mask: Any) -> Any:
+        return capture(lm, hp, ids, mask)
+
+    return start(sae_backend, lm=lm, hookpoint=hp_name, capture=run_lm, options=options)
+
+
+def serve_forever(running: RunningServer, grace: float = 10.0) -> None:
+    """Block until SIGTERM / SIGINT, then stop gracefully (must run in the main thread)."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info(
+            "%s: draining in-flight requests (grace %.0f s)", signal.Signals(signum).name, grace
+        )
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    running.stop(grace)
+
+
+def _budget_text(budgets: tuple[int, ...], k_max: int) -> str:
+    if budgets == tuple(range(1, k_max + 1)):
+        return f"1..{k_max}"
+    return ",".join(map(str, budgets))

@@ -1,0 +1,434 @@
+"""Train a HierarchicalTopK (or plain TopK) SAE on live LM activations.
+
+Call :func:`train` with a :class:`TrainConfig` (the CLI ``hsae-runtime train`` is a thin
+wrapper). Notable choices:
+
+* Activations are scaled by ``s`` so that E‖s·x‖² = d_in during training (one learning rate
+  fits every LM); at save time ``s`` is folded into the weights (``b_enc/s``, ``b_dec/s``), so
+  latent values and reconstructions come out in raw units and the decoder stays unit-norm.
+* ``W_dec`` rows are kept unit-norm: the gradient component parallel to each row is removed
+  before the Adam step and the rows are renormalised after it. ``W_enc`` starts as ``W_decᵀ``
+  and ``b_dec`` at the data mean or geometric median of the first batch.
+* AuxK (Gao et al. 2024): latents that have not fired for ``dead_tokens`` tokens are "dead";
+  the top ``aux_k`` dead pre-activations must explain the residual, weighted by α = 1/32.
+* Data order is pinned by ``(epoch, block, batch)`` (see ``buffer.py``), and checkpoints carry
+  it with the optimiser state, so ``resume=True`` continues exactly.
+* DDP: launch under ``torchrun``; gradients are averaged with ``all_reduce`` (gloo on CPU,
+  NCCL on GPU). Every rank holds the same block and trains on its slice of each global batch,
+  so N ranks follow the same trajectory as 1 rank on the same data.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from hsae_runtime.config import SAEConfig
+from hsae_runtime.errors import ConfigError, DataError
+from hsae_runtime.sae import SAE
+from hsae_runtime.training.checkpoint import (
+    CHECKPOINT_NAME,
+    Progress,
+    TrainState,
+    load_checkpoint,
+    save_checkpoint,
+)
+from hsae_runtime.training.optim import (
+    AuxK,
+    geometric_median,
+    lr_at,
+    project_decoder_grad,
+    renorm_decoder,
+)
+
+logger = logging.getLogger(__name__)
+
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (the CLI fills it from flags)."""
+
+    lm: str
+    """Hub id, local folder or .gguf file of the language model."""
+    hookpoint: str
+    """Where the SAE reads, e.g. ``model.layers.6`` or ``blocks.6.hook_resid_post``."""
+    data: str
+    """Training text: .txt / .jsonl file or ``hf:NAME[:CONFIG][:SPLIT]``."""
+    d_sae: int
+    """Number of latents."""
+    k_max: int
+    """Largest budget (the encoder's top-k)."""
+    out: str = "sae.safetensors"
+    """Where the trained model file is written."""
+    objective: Literal["hierarchical", "topk"] = "hierarchical"
+    """``hierarchical``: mean loss over ``budgets``; ``topk``: the loss at ``k`` only."""
+    k: int | None = None
+    """Budget for the ``topk`` objective (default ``k_max``)."""
+    budgets: tuple[int, ...] | None = None
+    """Budgets of the hierarchical loss (default all 1..k_max)."""
+    tokens: int = 1_000_000
+    """Training tokens (across all ranks and epochs)."""
+    batch_tokens: int = 1024
+    """Tokens per optimiser step (global, split over ranks)."""
+    lr: float = 5e-4
+    """Peak Adam learning rate."""
+    warmup_frac: float = 0.02
+    """Fraction of steps of linear warm-up."""
+    decay_frac: float = 0.2
+    """Fraction of final steps over which the learning rate decays linearly to 0."""
+    context: int = 128
+    """Tokens per LM context (BOS + text)."""
+    lm_batch: int = 8
+    """Contexts per LM forward."""
+    block_contexts: int = 64
+    """Contexts mixed together by the shuffling buffer."""
+    include_special: bool = False
+    """Train on BOS / EOS / pad positions too (excluded by default)."""
+    b_dec_init: Literal["mean", "median", "zero"] = "median"
+    """How ``b_dec`` is initialised from the first batch."""
+    aux_alpha: float = 1 / 32
+    """AuxK loss weight (0 disables it)."""
+    dead_tokens: int = 1_000_000
+    """A latent not firing for this many tokens counts as dead."""
+    seed: int = 0
+    """Seeds the initialisation and the data order."""
+    checkpoint_dir: str | None = None
+    """Folder for checkpoints (none written when unset)."""
+    checkpoint_every: int = 500
+    """Steps between checkpoints."""
+    resume: bool = False
+    """Continue from ``checkpoint_dir`` when a checkpoint is there."""
+    activation_cache: str | None = None
+    """Folder for an on-disk activation cache (read when complete, written otherwise)."""
+    cache_dtype: Literal["float32", "float16", "bfloat16"] = "bfloat16"
+    """Storage dtype of the activation cache."""
+    device: str = "auto"
+    """Where the LM and the SAE run: auto, cpu, cuda."""
+    lm_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """dtype of the LM weights."""
+    log_every: int = 10
+    """Steps between progress-bar metric updates."""
+    progress: bool = True
+    """Show a tqdm progress bar (rank 0 only)."""
+    max_steps: int | None = None
+    """Stop after this many steps (tests; the schedule still uses ``tokens``)."""
+
+    def __post_init__(self) -> None:
+        for name in ("d_sae", "k_max", "tokens", "batch_tokens", "context", "lm_batch",
+                     "block_contexts", "checkpoint_every", "log_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"TrainConfig.{name} must be a positive int, got {value!r}")
+        if self.k_max > self.d_sae:
+            raise ConfigError(
+                f"TrainConfig.k_max ({self.k_max}) must be <= d_sae ({self.d_sae})",
+                hint="use a wider SAE (--d-sae) or a smaller --k-max",
+            )
+        if self.objective not in ("hierarchical", "topk"):
+            raise ConfigError(f"TrainConfig.objective must be hierarchical or topk, "
+                              f"got {self.objective!r}")
+        if self.k is not None and not 1 <= self.k <= self.k_max:
+            raise ConfigError(f"TrainConfig.k ({self.k}) must lie in 1..k_max={self.k_max}")
+        if self.budgets is not None:
+            self.budgets = tuple(sorted({int(b) for b in self.budgets}))
+            if not self.budgets or self.budgets[0] < 1 or self.budgets[-1] > self.k_max:
+                raise ConfigError(f"TrainConfig.budgets must lie in 1..k_max={self.k_max}")
+        if not self.lr > 0:
+            raise ConfigError(f"TrainConfig.lr must be positive, got {self.lr}")
+        if not (0 <= self.warmup_frac < 1 and 0 <= self.decay_frac <= 1):
+            raise ConfigError("TrainConfig.warmup_frac / decay_frac must lie in [0, 1)")
+        if self.cache_dtype not in ("float32", "float16", "bfloat16"):
+            raise ConfigError(f"TrainConfig.cache_dtype must be float32, float16 or bfloat16, "
+                              f"got {self.cache_dtype!r}")
+        if self.b_dec_init not in ("mean", "median", "zero"):
+            raise ConfigError(f"TrainConfig.b_dec_init must be mean, median or zero, "
+                              f"got {self.b_dec_init!r}")
+
+    @property
+    def train_k(self) -> int:
+        """The encoder's top-k during training."""
+        return self.k_max if self.objective == "hierarchical" or self.k is None else self.k
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns besides writing ``cfg.out``."""
+
+    sae: SAE
+    """The trained SAE in raw activation units (scale folded in)."""
+    steps: int
+    tokens: int
+    losses: list[float] = field(default_factory=list)
+    """Loss of every step (rank-averaged)."""
+    lm_seconds: float = 0.0
+    sae_seconds: float = 0.0
+    wall_seconds: float = 0.0
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: str) -> bool:
+    """Join the torchrun process group when launched under torchrun; returns whether DDP."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return False
+    if int(os.environ["WORLD_SIZE"]) <= 1 or dist.is_initialized():
+        return dist.is_initialized()
+    use_nccl = device != "cpu" and torch.cuda.is_available()
+    if use_nccl:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if use_nccl else "gloo")
+    return True
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train an SAE as configured, write it to ``cfg.out`` (rank 0) and return it."""
+    from hsae_runtime.lm import load_lm, resolve_device, resolve_hookpoint
+    from hsae_runtime.training.buffer import (
+        ActivationCache,
+        BlockSource,
+        LMActivationSource,
+        Timer,
+    )
+
+    init_distributed(cfg.device)
+    rank, world = _world()
+    if cfg.batch_tokens % world:
+        raise ConfigError(f"batch_tokens ({cfg.batch_tokens}) must divide evenly over "
+                          f"{world} ranks")
+    if rank == 0:
+        Path(cfg.out).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", torch.cuda.current_device())
+    timer = Timer()
+
+    cache = None
+    lm = None
+    hp_name = cfg.hookpoint
+    if cfg.activation_cache is not None:
+        stored = _read_manifest(Path(cfg.activation_cache))
+        if stored is not None and _cache_matches(stored["key"], cfg):
+            cache = ActivationCache(cfg.activation_cache, stored["key"], cfg.cache_dtype)
+    if cache is None or not cache.complete:
+        if not str(cfg.data).startswith("hf:") and not Path(cfg.data).expanduser().is_file():
+            raise DataError(f"data file not found: {cfg.data}",
+                            hint="pass a .txt or .jsonl file, or hf:DATASET[:CONFIG][:SPLIT]")
+        if world > 1 and rank != 0:
+            dist.barrier()  # rank 0 builds any GGUF cache first; the others then read it
+        lm = load_lm(cfg.lm, dtype=cfg.lm_dtype, device=device)
+        if world > 1 and rank == 0:
+            dist.barrier()
+        hp = resolve_hookpoint(lm.model, cfg.hookpoint)
+        lm_source = LMActivationSource(
+            lm, hp, cfg.data, context=cfg.context, block_contexts=cfg.block_contexts,
+            lm_batch=cfg.lm_batch, include_special=cfg.include_special, timer=timer,
+        )
+        if cfg.activation_cache is not None:
+            cache = ActivationCache(cfg.activation_cache, lm_source.key(), cfg.cache_dtype)
+        source = BlockSource(lm_source, cache)
+        d_in = lm.d_model
+    else:
+        source = BlockSource(None, cache)
+        d_in = int(next(cache.blocks(0))[1].shape[1])
+        logger.info("training from the activation cache in %s", cfg.activation_cache)
+
+    sae_config = SAEConfig(
+        d_in=d_in, d_sae=cfg.d_sae, k_max=cfg.k_max,
+        budgets=(cfg.budgets if cfg.objective == "hierarchical" else (cfg.train_k,)),
+        model_name=cfg.lm, hookpoint=hp_name,
+    )
+    gen = torch.Generator().manual_seed(cfg.seed)
+    sae = SAE(sae_config, device=device)
+    sae.reset_parameters(generator=gen)
+    sae.to(device)
+    fused = device.type == "cuda"
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
+                           **({"fused": True} if fused else {"foreach": True}))
+    total_steps = max(1, cfg.tokens // cfg.batch_tokens)
+    aux = AuxK(cfg.d_sae, cfg.dead_tokens, cfg.aux_alpha, device=device)
+
+    state = TrainState()
+    ckpt = Path(cfg.checkpoint_dir) / CHECKPOINT_NAME if cfg.checkpoint_dir else None
+    if cfg.resume:
+        if ckpt is None:
+            raise ConfigError("resume needs a checkpoint_dir", hint="pass --checkpoint-dir")
+        if ckpt.is_file():
+            state = load_checkpoint(ckpt, cfg, sae, opt, aux, device)
+            logger.info("resumed at step %d (%d tokens)", state.step, state.tokens)
+        else:
+            logger.warning("no checkpoint in %s; starting from scratch", cfg.checkpoint_dir)
+
+    from hsae_runtime import loss as loss_mod
+
+    encode = getattr(sae, "encode_for_training", sae.encode)
+    budgets = list(sae_config.trained_budgets)
+    local_batch = cfg.batch_tokens // world
+    progress = Progress(cfg, rank, total_steps, state)
+    result = TrainResult(sae=sae, steps=state.step, tokens=state.tokens)
+    t_start = time.perf_counter()
+    sae_s = 0.0
+    done = state.step >= total_steps
+    while not done:
+        any_block = False
+        for block_index, acts in source.blocks(state.block if state.epoch_started else 0):
+            any_block = True
+            state.epoch_started = True
+            state.block = block_index
+            if state.scale is None:
+                state.scale = _scale_for(acts, d_in)
+                if state.step == 0:
+                    _init_b_dec(sae, acts[: cfg.batch_tokens] * state.scale, cfg.b_dec_init)
+            n_batches = len(acts) // cfg.batch_tokens
+            if n_batches == 0:
+                continue
+            perm = torch.randperm(len(acts), generator=torch.Generator().manual_seed(
+                _mix(cfg.seed, state.epoch, block_index)))
+            for j in range(state.batch, n_batches):
+                idx = perm[j * cfg.batch_tokens: (j + 1) * cfg.batch_tokens]
+                idx = idx[rank * local_batch: (rank + 1) * local_batch]
+                x = (acts[idx] * state.scale).to(device)  # (N, d_in)
+                t0 = time.perf_counter()
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(state.step, total_steps, cfg.lr, cfg.warmup_frac,
+                                        cfg.decay_frac)
+                code = encode(x, cfg.train_k)
+                if cfg.objective == "hierarchical":
+                    main = loss_mod.hierarchical_topk_loss(
+                        x, code.values, code.indices, sae.W_dec, sae.b_dec, budgets)
+                else:
+                    main = loss_mod.topk_loss(x, code.values, code.indices, sae.W_dec, sae.b_dec)
+                aux_loss = aux.loss(sae, x, code)
+                total = main + aux_loss if aux_loss is not None else main
+                opt.zero_grad(set_to_none=True)
+                total.backward()
+                if world > 1:
+                    for p in sae.parameters():
+                        assert p.grad is not None
+                        dist.all_reduce(p.grad)
+                        p.grad.div_(world)
+                project_decoder_grad(sae)
+                opt.step()
+                renorm_decoder(sae)
+                aux.update(code.indices, cfg.batch_tokens)
+                loss_value = total.detach()
+                if world > 1:
+                    dist.all_reduce(loss_value)
+                    loss_value /= world
+                sae_s += time.perf_counter() - t0
+                state.step += 1
+                state.tokens += cfg.batch_tokens
+                state.batch = j + 1
+                result.losses.append(float(loss_value))
+                progress.update(state, float(loss_value), sae, x, code, aux, timer.lm_s, sae_s)
+                if ckpt is not None and state.step % cfg.checkpoint_every == 0:
+                    save_checkpoint(ckpt, cfg, sae, opt, aux, state, rank)
+                if state.step >= total_steps or (cfg.max_steps and state.step >= cfg.max_steps):
+                    done = True
+                    break
+            if done:
+                break
+            state.batch = 0
+        if not any_block:
+            raise DataError(f"no usable text in {cfg.data}",
+                            hint=f"need at least {cfg.context} tokens of text")
+        if not done:
+            state.epoch += 1
+            state.block = 0
+            state.batch = 0
+            state.epoch_started = False
+            if state.step == 0:
+                raise DataError(f"{cfg.data} has fewer tokens than one batch ({cfg.batch_tokens})",
+                                hint="use more text or a smaller --batch-tokens")
+            logger.info("epoch %d done; starting another pass over the data", state.epoch)
+    progress.close()
+    if ckpt is not None:
+        save_checkpoint(ckpt, cfg, sae, opt, aux, state, rank)
+    out = finalize(sae, state.scale or 1.0, cfg, state)
+    if rank == 0:
+        out.save(cfg.out)
+        logger.info("wrote %s (%d steps, %d tokens)", cfg.out, state.step, state.tokens)
+    result.sae, result.steps, result.tokens = out, state.step, state.tokens
+    result.lm_seconds, result.sae_seconds = timer.lm_s, sae_s
+    result.wall_seconds = time.perf_counter() - t_start
+    return result
+
+
+# ---------------------------------------------------------------------------- helpers
+
+def _mix(seed: int, epoch: int, block: int) -> int:
+    return (seed * 1_000_003 + epoch * 10_007 + block) % (2**63 - 1)
+
+
+def _scale_for(acts: Tensor, d_in: int) -> float:
+    """``s`` with E‖s·x‖² = d_in, from the first block."""
+    if len(acts) == 0:
+        raise DataError("the first block of activations is empty")
+    mean_sq = acts.double().pow(2).sum(-1).mean().item()
+    return math.sqrt(d_in / mean_sq) if mean_sq > 0 else 1.0
+
+
+@torch.no_grad()
+def _init_b_dec(sae: SAE, x: Tensor, how: str) -> None:
+    match how:
+        case "mean":
+            sae.b_dec.copy_(x.mean(0))
+        case "median":
+            sae.b_dec.copy_(geometric_median(x))
+        case "zero":
+            sae.b_dec.zero_()
+        case other:
+            raise ValueError(f"unknown b_dec_init {other!r}")
+
+
+@torch.no_grad()
+def finalize(sae: SAE, scale: float, cfg: TrainConfig, state: TrainState) -> SAE:
+    """Copy of ``sae`` with the activation scale folded in (works on raw activations)."""
+    config = SAEConfig.from_dict({
+        **sae.config.to_dict(),
+        "normalization_scale": scale,
+        "training": {
+            "objective": cfg.objective, "k": cfg.train_k, "tokens": state.tokens,
+            "steps": state.step, "batch_tokens": cfg.batch_tokens, "lr": cfg.lr,
+            "context": cfg.context, "data": str(cfg.data), "seed": cfg.seed,
+            "aux_alpha": cfg.aux_alpha, "b_dec_init": cfg.b_dec_init,
+        },
+    })
+    out = SAE(config, device="meta")
+    out.W_enc = torch.nn.Parameter(sae.W_enc.detach().clone().cpu(), requires_grad=False)
+    out.b_enc = torch.nn.Parameter((sae.b_enc.detach() / scale).cpu(), requires_grad=False)
+    out.W_dec = torch.nn.Parameter(sae.W_dec.detach().clone().cpu(), requires_grad=False)
+    out.b_dec = torch.nn.Parameter((sae.b_dec.detach() / scale).cpu(), requires_grad=False)
+    return out
+
+
+def _cache_matches(key: dict[str, Any], cfg: TrainConfig) -> bool:
+    return (key.get("lm") == cfg.lm and key.get("hookpoint") == cfg.hookpoint
+            and key.get("data") == str(cfg.data) and key.get("context") == cfg.context
+            and key.get("block_contexts") == cfg.block_contexts
+            and key.get("include_special") == cfg.include_special)
+
+
+def _read_manifest(folder: Path) -> dict[str, Any] | None:
+    import json
+
+    from hsae_runtime.training.buffer import MANIFEST
+
+    path = folder / MANIFEST
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
