@@ -135,9 +135,9 @@ def import_saelens(
     usable but not trained; ``hsae-runtime info`` shows them.
     """
     import torch
-    from safetensors import safe_open
 
     from hsae_runtime.config import SAEConfig
+    from hsae_runtime.format import read_tensors
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -167,22 +167,10 @@ def import_saelens(
             "training": {"imported_from": "saelens", "source": str(folder)},
         }
     weights_path = folder / WEIGHTS_FILE
-    if not weights_path.is_file():
-        raise ModelFileError(f"{weights_path} not found")
-    try:
-        with safe_open(str(weights_path), framework="pt", device="cpu") as f:
-            names = set(f.keys())
-            if names != set(TENSOR_NAMES):
-                raise ModelFileError(
-                    f"{weights_path}: expected exactly tensors {sorted(TENSOR_NAMES)}, found "
-                    f"{sorted(names)}",
-                    hint="extra tensors (thresholds, scaling factors) mean a non-TopK SAE",
-                )
-            tensors = {name: f.get_tensor(name) for name in TENSOR_NAMES}
-    except ModelFileError:
-        raise
-    except Exception as err:
-        raise ModelFileError(f"{weights_path} is not a readable safetensors file ({err})") from err
+    tensors, _ = read_tensors(
+        weights_path, TENSOR_NAMES,
+        hint="extra tensors (thresholds, scaling factors) mean a non-TopK SAE",
+    )
     if cfg.get("rescale_acts_by_decoder_norm"):
         _fold_decoder_norm(tensors, weights_path)
         config_dict.setdefault("training", {})["folded_decoder_norm"] = True

@@ -107,10 +107,9 @@ def import_sparsify(
     The hookpoint defaults to the folder name (sparsify names each coder's folder after it).
     A foreign coder gets budgets ``1..k`` (trained at k only).
     """
-    from safetensors import safe_open
-
     from hsae_runtime.config import SAEConfig
     from hsae_runtime.exporters.saelens import _build, _dtype_name, read_json
+    from hsae_runtime.format import read_tensors
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -136,27 +135,11 @@ def import_sparsify(
     d_sae = cfg.get("num_latents") or d_in * int(cfg.get("expansion_factor", 32))
 
     weights_path = folder / WEIGHTS_FILE
-    if not weights_path.is_file():
-        raise ModelFileError(f"{weights_path} not found")
-    try:
-        with safe_open(str(weights_path), framework="pt", device="cpu") as f:
-            names = set(f.keys())
-            meta = f.metadata() or {}
-            if "W_skip" in names:
-                raise ModelFileError(
-                    f"{weights_path} holds a skip connection (W_skip), which is not supported"
-                )
-            if names != set(TENSOR_NAMES):
-                raise ModelFileError(
-                    f"{weights_path}: expected exactly tensors {sorted(TENSOR_NAMES)}, found "
-                    f"{sorted(names)}",
-                    hint="a folder saved without a decoder cannot be imported",
-                )
-            raw = {name: f.get_tensor(name) for name in TENSOR_NAMES}
-    except ModelFileError:
-        raise
-    except Exception as err:
-        raise ModelFileError(f"{weights_path} is not a readable safetensors file ({err})") from err
+    raw, meta = read_tensors(
+        weights_path, TENSOR_NAMES,
+        hint="skip connections (W_skip) are not supported, and a folder saved without a "
+        "decoder cannot be imported",
+    )
 
     if meta.get("hsae_config"):
         try:

@@ -66,6 +66,37 @@ def atomic_save_tensors(
         raise
 
 
+def read_tensors(
+    path: str | Path, expected: tuple[str, ...], *, hint: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read exactly the tensors ``expected`` and the metadata of a safetensors file.
+
+    Missing or extra tensors, a bad header and truncated data all raise :class:`ModelFileError`
+    (``hint`` is attached to the name mismatch). Never unpickles.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path} not found" if not path.exists() else f"{path} is not a file")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            names = set(f.keys())
+            if names != set(expected):
+                raise ModelFileError(
+                    f"{path}: expected tensors {sorted(expected)}, found {sorted(names)}",
+                    hint=hint,
+                )
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in expected}
+    except ModelFileError:
+        raise
+    except Exception as err:  # safetensors raises its own error types for bad files
+        raise ModelFileError(
+            f"{path}: could not read tensor data ({type(err).__name__}: {err})",
+            hint="the file may be truncated or corrupt",
+        ) from err
+    return tensors, metadata
+
+
 def save_sae(sae: SAE, path: str | Path) -> None:
     metadata = {
         "format": FORMAT_NAME,
@@ -129,21 +160,7 @@ def load_sae(path: str | Path, *, device: torch.device | str = "cpu") -> SAE:
     path = Path(path)
     config, _ = _read_header(path)
     shapes = expected_shapes(config)
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            names = set(f.keys())
-            if names != set(TENSOR_NAMES):
-                raise ModelFileError(
-                    f"{path}: expected tensors {sorted(TENSOR_NAMES)}, found {sorted(names)}"
-                )
-            tensors = {name: f.get_tensor(name) for name in TENSOR_NAMES}
-    except ModelFileError:
-        raise
-    except Exception as err:
-        raise ModelFileError(
-            f"{path}: could not read tensor data ({type(err).__name__}: {err})",
-            hint="the file may be truncated or corrupt",
-        ) from err
+    tensors, _ = read_tensors(path, TENSOR_NAMES)
     for name, tensor in tensors.items():
         if tuple(tensor.shape) != shapes[name]:
             raise ModelFileError(
