@@ -470,23 +470,25 @@ def plot(s: Settings, results: dict[str, Any], path: Path) -> None:
                         label=f"HierarchicalTopK (k_max={k_train})")
                 continue
             colour = colours(0.15 + 0.7 * (i - 1) / max(1, len(specs) - 2))
-            ax.plot(ks, ys, "--", color=colour, lw=1.2, marker=".",
+            ax.plot(ks, ys, "--", color=colour, lw=1.2, marker="." if key != "ce" else "o",
                     label=f"TopK k={k_train} (dashed: read at other k)")
             if k_train in ks:
                 ax.plot([k_train], [ys[ks.index(k_train)]], "s", color=colour, ms=9, zorder=6)
         ax.set_xscale("log", base=2)
         ax.set_xticks(ks, [str(k) for k in ks])
-        if key != "ce":
+        positive = key != "ce" or all(v > 0 for v in ce.values())
+        if positive:
             ax.set_yscale("log")
         else:
             ax.set_yscale("symlog", linthresh=0.01)
         ax.set_xlabel("budget k (active latents per token)")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0, 0].legend(fontsize=8, loc="lower left")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     fig.suptitle(f"{results['lm']} @ {s.hookpoint}, d_sae={s.d_sae}, "
                  f"{results['train_tokens']:,} training tokens (squares: trained k)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=130)
     plt.close(fig)
 
@@ -538,9 +540,13 @@ def run(s: Settings) -> dict[str, Any]:
     from hsae_runtime.sae import SAE
 
     if s.threads:
-        # Also caps numba's kernels (read when numba is first imported, below this line).
-        os.environ.setdefault("NUMBA_NUM_THREADS", str(s.threads))
         torch.set_num_threads(s.threads)
+        try:  # numba's kernels have their own pool; cap it too (never via the env var, which
+            import numba  # numba refuses to change once its threads have started)
+
+            numba.set_num_threads(min(s.threads, numba.config.NUMBA_NUM_THREADS))
+        except ImportError:
+            pass
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}

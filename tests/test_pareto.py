@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("matplotlib")
 
@@ -37,7 +38,17 @@ def test_quick_mode_end_to_end(tiny_lm_dir: Path, tiny_text_file: Path, tmp_path
     argv = ["--quick", "--lm", str(tiny_lm_dir), "--data", str(tiny_text_file), "--out", str(out),
             "--tokens", "4096", "--timing-rounds", "2", "--timing-steps", "1",
             "--ce-tokens", "200", "--threads", "1"]
-    assert pareto.main(argv) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert pareto.main(argv) == 0
+    finally:  # --threads 1 caps this process's pools; give the rest of the session its threads
+        torch.set_num_threads(threads)
+        try:
+            import numba
+
+            numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        except ImportError:
+            pass
 
     results = json.loads((out / "results.json").read_text())
     names = ["htopk16", "topk4", "topk8", "topk16"]
