@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from hsae_runtime.errors import ConfigError, ModelFileError
 
 if TYPE_CHECKING:
+    from hsae_runtime.config import SAEConfig
     from hsae_runtime.sae import SAE
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,6 @@ def import_saelens(
     """
     import torch
 
-    from hsae_runtime.config import SAEConfig
     from hsae_runtime.format import read_tensors
 
     folder = Path(folder)
@@ -174,16 +174,32 @@ def import_saelens(
     if cfg.get("rescale_acts_by_decoder_norm"):
         _fold_decoder_norm(tensors, weights_path)
         config_dict.setdefault("training", {})["folded_decoder_norm"] = True
-    config_dict["dtype"] = dtype or config_dict.get("dtype") or _dtype_name(tensors["W_enc"])
+    config = finish_config(
+        config_dict, cfg_path, dtype=dtype, default_dtype=_dtype_name(tensors["W_enc"]),
+        hookpoint=hookpoint, model_name=model_name,
+    )
+    return _build(config, tensors, weights_path, torch)
+
+
+def finish_config(
+    config_dict: dict[str, Any], cfg_path: Path, *, dtype: str | None, default_dtype: str,
+    hookpoint: str | None, model_name: str | None,
+) -> SAEConfig:
+    """Apply the importer's overrides to a folder's config and validate it.
+
+    dtype: the caller's override, else the folder's own, else ``default_dtype`` (the tensors').
+    """
+    from hsae_runtime.config import SAEConfig
+
+    config_dict["dtype"] = dtype or config_dict.get("dtype") or default_dtype
     if hookpoint is not None:
         config_dict["hookpoint"] = hookpoint
     if model_name is not None:
         config_dict["model_name"] = model_name
     try:
-        config = SAEConfig.from_dict(config_dict)
+        return SAEConfig.from_dict(config_dict)
     except ConfigError as err:
         raise ModelFileError(f"{cfg_path}: {err.message}", hint=err.hint) from err
-    return _build(config, tensors, weights_path, torch)
 
 
 def _fold_decoder_norm(tensors: dict[str, Any], source: Path) -> None:

@@ -107,8 +107,7 @@ def import_sparsify(
     The hookpoint defaults to the folder name (sparsify names each coder's folder after it).
     A foreign coder gets budgets ``1..k`` (trained at k only).
     """
-    from hsae_runtime.config import SAEConfig
-    from hsae_runtime.exporters.saelens import _build, _dtype_name, read_json
+    from hsae_runtime.exporters.saelens import _build, _dtype_name, finish_config, read_json
     from hsae_runtime.format import read_tensors
 
     folder = Path(folder)
@@ -154,15 +153,10 @@ def import_sparsify(
             "hookpoint": folder.name,
             "training": {"imported_from": "sparsify", "source": str(folder)},
         }
-    config_dict["dtype"] = dtype or config_dict.get("dtype") or _dtype_name(raw["W_dec"])
-    if hookpoint is not None:
-        config_dict["hookpoint"] = hookpoint
-    if model_name is not None:
-        config_dict["model_name"] = model_name
-    try:
-        config = SAEConfig.from_dict(config_dict)
-    except ConfigError as err:
-        raise ModelFileError(f"{cfg_path}: {err.message}", hint=err.hint) from err
+    config = finish_config(
+        config_dict, cfg_path, dtype=dtype, default_dtype=_dtype_name(raw["W_dec"]),
+        hookpoint=hookpoint, model_name=model_name,
+    )
     tensors = {
         "W_enc": raw["encoder.weight"].T,  # (d_in, d_sae)
         "b_enc": raw["encoder.bias"],

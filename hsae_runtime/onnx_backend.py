@@ -43,7 +43,7 @@ from torch import Tensor
 
 from hsae_runtime.config import SAEConfig
 from hsae_runtime.errors import InputError, ModelFileError
-from hsae_runtime.sae import SparseCode
+from hsae_runtime.sae import SparseCode, check_activation_shape
 
 log = logging.getLogger(__name__)
 
@@ -217,17 +217,7 @@ class OnnxSAE:
     # ------------------------------------------------------------------ validation
     def check_input(self, x: Tensor) -> np.ndarray:
         """Validate ``x [..., d_in]``; return it as a contiguous ``[N, d_in]`` numpy array."""
-        if not isinstance(x, Tensor):
-            raise InputError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise InputError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-        if x.ndim == 0 or x.shape[-1] != self.config.d_in:
-            raise InputError(
-                f"x must have shape [..., d_in={self.config.d_in}], got {tuple(x.shape)}",
-                hint="the activations must come from the hookpoint the SAE was trained on",
-            )
-        if x.numel() == 0:
-            raise InputError("x is empty: need at least one token")
+        check_activation_shape(x, self.config.d_in)
         flat = x.detach().reshape(-1, self.config.d_in).to("cpu", self.dtype)
         array = np.ascontiguousarray(flat.numpy())
         if not np.isfinite(array).all():  # numpy: no torch thread pool to wake (see _session)

@@ -48,6 +48,24 @@ class SparseCode(NamedTuple):
         return SparseCode(self.values[..., :k], self.indices[..., :k])
 
 
+def check_activation_shape(x: object, d_in: int) -> None:
+    """Raise :class:`InputError` unless ``x`` is a non-empty float tensor ``[..., d_in]``.
+
+    Shared by every SAE backend (torch, ONNX Runtime); finiteness is checked by each backend.
+    """
+    if not isinstance(x, Tensor):
+        raise InputError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise InputError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if x.ndim == 0 or x.shape[-1] != d_in:
+        raise InputError(
+            f"x must have shape [..., d_in={d_in}], got {tuple(x.shape)}",
+            hint="the activations must come from the hookpoint the SAE was trained on",
+        )
+    if x.numel() == 0:
+        raise InputError("x is empty: need at least one token")
+
+
 class SAE(nn.Module):
     """A TopK SAE whose code at every budget is a prefix of the code at k_max."""
 
@@ -85,17 +103,7 @@ class SAE(nn.Module):
 
     def check_input(self, x: Tensor) -> Tensor:
         """Validate ``x [..., d_in]`` and return it flattened to ``[N, d_in]`` in the SAE dtype."""
-        if not isinstance(x, Tensor):
-            raise InputError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if not (x.is_floating_point()):
-            raise InputError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-        if x.ndim == 0 or x.shape[-1] != self.config.d_in:
-            raise InputError(
-                f"x must have shape [..., d_in={self.config.d_in}], got {tuple(x.shape)}",
-                hint="the activations must come from the hookpoint the SAE was trained on",
-            )
-        if x.numel() == 0:
-            raise InputError("x is empty: need at least one token")
+        check_activation_shape(x, self.config.d_in)
         if not bool(torch.isfinite(x).all()):
             raise InputError("x contains NaN or Inf values")
         return x.reshape(-1, self.config.d_in).to(device=self.device, dtype=self.dtype)
