@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 EXTRAS ?= cpu,dev,gguf
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: install proto test test-slow lint demo bench clean
+.PHONY: install proto test test-slow lint demo bench pareto clean
 
 # torch==2.13.0 first: it is the local CPU wheel. An unpinned torch would pull a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -35,6 +35,11 @@ test-slow: install
 
 demo: install
 	$(BIN)/python -m hsae_runtime.demo
+
+# Issue 6's experiment: one HierarchicalTopK SAE vs TopK SAEs on Gemma-3 270M (~1 h, docs/pareto.md).
+PARETO_OUT ?= runs/pareto
+pareto: install
+	$(BIN)/python benchmarks/pareto.py --out $(PARETO_OUT) $(PARETO_ARGS)
 
 bench: install
 	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done

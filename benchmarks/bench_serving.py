@@ -371,6 +371,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "bench.safetensors"
         sae.save(model)
+        sae.pack_for_cpu_inference()  # the in-process reference uses the server's engine
         lat = bench_latency(model, sae, reps)
         thr = bench_batching(model, per_client)
         bound = in_process_bound(sae, reps)

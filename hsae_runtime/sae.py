@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from hsae_runtime.config import SAEConfig
 from hsae_runtime.errors import InputError
+from hsae_runtime.kernels import linear_cpu
 from hsae_runtime.kernels.prefix_decode import prefix_decode
 from hsae_runtime.kernels.topk import masked_topk
 
@@ -77,6 +78,7 @@ class SAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(config.d_sae, **kw))
         self.W_dec = nn.Parameter(torch.empty(config.d_sae, config.d_in, **kw))
         self.b_dec = nn.Parameter(torch.zeros(config.d_in, **kw))
+        self._packed_encoder: linear_cpu.PackedLinear | None = None  # see pack_for_cpu_inference
         if self.W_dec.device.type != "meta":  # meta: the loader assigns the weights
             self.reset_parameters()
 
@@ -126,11 +128,23 @@ class SAE(nn.Module):
         return [self.check_budget(int(b) if not isinstance(b, bool) else b) for b in budgets]
 
     # ------------------------------------------------------------------ encode
+    def pack_for_cpu_inference(self) -> bool:
+        """Pack ``W_enc`` once for fast float32 CPU inference (servers call this); True if done.
+
+        Costs one extra copy of ``W_enc``. The pack is ignored as soon as ``W_enc``/``b_enc``
+        change in place or a gradient is needed, so training is unaffected. See
+        :mod:`hsae_runtime.kernels.linear_cpu`.
+        """
+        if self.device.type != "cpu" or self.dtype != torch.float32 or not linear_cpu.available():
+            return False
+        self._packed_encoder = linear_cpu.PackedLinear(self.W_enc, self.b_enc)
+        return True
+
     def pre_activations(self, x: Tensor) -> Tensor:
         """Encoder pre-activations ``[N, d_sae]`` for an already validated ``x [N, d_in]``."""
         if self.config.apply_b_dec_to_input:
             x = x - self.b_dec
-        return torch.addmm(self.b_enc, x, self.W_enc)
+        return linear_cpu.addmm(self.b_enc, x, self.W_enc, self._packed_encoder)
 
     def encode(self, x: Tensor, k: int | Tensor) -> SparseCode:
         """Sorted top-k code of ``x [..., d_in]``.

@@ -8,7 +8,6 @@ FVU / dead % at every budget, CE deltas (the batched splice cross-checks itself 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
@@ -20,27 +19,23 @@ import torch
 pytest.importorskip("matplotlib")
 
 REPO = Path(__file__).resolve().parents[1]
+# benchmarks/pareto.py is a thin script over the pareto_experiment package there (not installed).
+sys.path.insert(0, str(REPO / "benchmarks"))
 
-
-def _load_pareto():
-    spec = importlib.util.spec_from_file_location("pareto", REPO / "benchmarks" / "pareto.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["pareto"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from pareto_experiment.data import split_documents  # noqa: E402
+from pareto_experiment.run import main  # noqa: E402
+from pareto_experiment.settings import Settings  # noqa: E402
 
 
 @pytest.mark.timeout(120)
 def test_quick_mode_end_to_end(tiny_lm_dir: Path, tiny_text_file: Path, tmp_path: Path) -> None:
-    pareto = _load_pareto()
     out = tmp_path / "pareto"
     argv = ["--quick", "--lm", str(tiny_lm_dir), "--data", str(tiny_text_file), "--out", str(out),
             "--tokens", "4096", "--timing-rounds", "2", "--timing-steps", "1",
             "--ce-tokens", "200", "--threads", "1"]
     threads = torch.get_num_threads()
     try:
-        assert pareto.main(argv) == 0
+        assert main(argv) == 0
     finally:  # --threads 1 caps this process's pools; give the rest of the session its threads
         torch.set_num_threads(threads)
         try:
@@ -72,20 +67,18 @@ def test_quick_mode_end_to_end(tiny_lm_dir: Path, tiny_text_file: Path, tmp_path
 def test_missing_data_file_is_a_clear_error(tmp_path: Path) -> None:
     from hsae_runtime.errors import DataError
 
-    pareto = _load_pareto()
-    settings = pareto.Settings(out=str(tmp_path), data=str(tmp_path / "nope.txt"))
+    settings = Settings(out=str(tmp_path), data=str(tmp_path / "nope.txt"))
     with pytest.raises(DataError, match="shared/data/wikitext2-valid.txt"):
-        pareto.split_documents(settings, tmp_path)
+        split_documents(settings, tmp_path)
 
 
 def test_wikitext_headings_split_documents(tmp_path: Path) -> None:
-    pareto = _load_pareto()
     text = "".join(f" \n = Article {i} = \n \n Body {i} .\n \n = = Section = = \n More {i} .\n"
                    for i in range(10))
     data = tmp_path / "wiki.txt"
     data.write_text(text)
-    settings = pareto.Settings(out=str(tmp_path), data=str(data), eval_every=5)
-    train, held, split = pareto.split_documents(settings, tmp_path)
+    settings = Settings(out=str(tmp_path), data=str(data), eval_every=5)
+    train, held, split = split_documents(settings, tmp_path)
     assert split == {"documents": 10, "train_docs": 8, "eval_docs": 2}
     eval_docs = held.read_text().split("\n\n")
     assert eval_docs[0].startswith("= Article 4 =") and "More 4 ." in eval_docs[0]

@@ -57,6 +57,9 @@ class TorchBackend:
         self.sae = sae.eval()
         self.config = sae.config
         self.device = sae.device
+        # One-time packed W_enc on CPU: small batches (what a server sees) run ~3x faster.
+        if sae.pack_for_cpu_inference():
+            log.info("packed W_enc for CPU inference (oneDNN)")
 
     def encode(self, x: Tensor, k: int) -> SparseCode:
         with torch.inference_mode():

@@ -6,7 +6,12 @@ their own thread) and :meth:`Batcher.submit` it to a bounded queue; a full queue
 letting latency grow without bound. One worker thread owns the models:
 
 1. it takes the oldest job, then keeps collecting until the batch holds ``max_batch_tokens``
-   (padded LM tokens + activation rows) or ``max_wait_ms`` has passed since that job arrived;
+   (padded LM tokens + activation rows) or ``max_wait_ms`` has passed since that job arrived -
+   or, earlier, once the batch holds as many jobs as the previous batch did, nothing more is
+   queued and no request is being parsed (:meth:`Batcher.arriving`). The previous batch is the
+   concurrency the server just saw: 16 clients in lockstep get one 16-job batch per round
+   without sitting out the full wait, and a lone client is never delayed. When clients leave,
+   one batch waits the full ``max_wait_ms`` and the target follows;
 2. drops jobs whose client has gone (cancelled) or whose deadline has passed;
 3. runs the LM once on the right-padded token batch, stopped at the hookpoint
    (:func:`hsae_runtime.lm.capture`), and keeps each job's wanted rows;
@@ -27,8 +32,9 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -56,7 +62,8 @@ class BatcherConfig:
     request still runs, alone."""
 
     max_wait_ms: float = 5.0
-    """How long the oldest queued job may wait for others to join its batch."""
+    """Longest the oldest queued job may wait for others to join its batch (a batch closes
+    sooner once it is as large as the previous one)."""
 
     max_queue: int = 256
     """Most jobs waiting; beyond it requests get RESOURCE_EXHAUSTED."""
@@ -156,6 +163,8 @@ class Batcher:
         self._closed = False
         self._lock = threading.Lock()
         self._carry: deque[Job] = deque()
+        self._target_jobs = 1  # jobs in the previous batch: stop waiting once this many joined
+        self._arriving = 0  # requests being parsed that will submit a job (see arriving())
         self._center = backend.fvu_center()
         self._worker = threading.Thread(target=self._run, name="hsae-batcher", daemon=True)
         self._worker.start()
@@ -176,9 +185,25 @@ class Batcher:
             self.stats.requests += 1
         return job.future
 
+    @contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Wrap a request's parsing and :meth:`submit`: the worker waits for such requests."""
+        with self._lock:
+            self._arriving += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._arriving -= 1
+
     def run(self, job: Job, timeout: float | None = None) -> EncodeOutput:
         """Submit and wait (the request thread's call). ``timeout`` is the client's deadline."""
-        future = self.submit(job)
+        return self.result(job, self.submit(job), timeout)
+
+    def result(
+        self, job: Job, future: Future[EncodeOutput], timeout: float | None = None
+    ) -> EncodeOutput:
+        """Wait for a submitted job; past ``timeout`` (the client's deadline) it is cancelled."""
         try:
             return future.result(timeout=timeout)
         except TimeoutError:
@@ -214,8 +239,10 @@ class Batcher:
             batch = [first]
             wait_until = first.enqueued + self.config.max_wait_ms / 1e3
             while self.config.batching and _padded_cost(batch) < self.config.max_batch_tokens:
+                # Once as many jobs as last time have joined, take only what is already queued.
+                full = len(batch) >= self._target_jobs and self._arriving == 0
                 try:
-                    item = self._next(wait_until - time.monotonic())
+                    item = self._next(0.0 if full else wait_until - time.monotonic())
                 except queue.Empty:
                     break
                 if item is _STOP:
@@ -226,6 +253,7 @@ class Batcher:
                     self._carry.append(item)
                     break
                 batch.append(item)
+            self._target_jobs = len(batch)
             self._process(batch)
         while self._carry:  # jobs carried over when STOP arrived
             self._process([self._carry.popleft()])

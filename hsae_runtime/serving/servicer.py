@@ -102,8 +102,10 @@ class HSAEServicer(pb_grpc.HSAEServicer):
 
     @handle_errors
     def Encode(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        parsed, job, tokens = self._prepare(request, context)
-        out = self.batcher.run(job, timeout=_remaining(context))
+        with self.batcher.arriving():  # the batcher holds its batch open for this request
+            parsed, job, tokens = self._prepare(request, context)
+            future = self.batcher.submit(job)
+        out = self.batcher.result(job, future, timeout=_remaining(context))
         return self._respond(parsed, out, tokens)
 
     @handle_errors
@@ -127,8 +129,9 @@ class HSAEServicer(pb_grpc.HSAEServicer):
                 for request in request_iterator:
                     start = time.perf_counter()
                     try:
-                        parsed, job, tokens = self._prepare(request, context)
-                        future = self.batcher.submit(job)
+                        with self.batcher.arriving():
+                            parsed, job, tokens = self._prepare(request, context)
+                            future = self.batcher.submit(job)
                     except Exception as err:  # noqa: BLE001 - answered in-stream below
                         parsed, tokens, future = None, None, Future()
                         future.set_exception(err)
