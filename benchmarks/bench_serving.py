@@ -23,27 +23,21 @@ A random Gemma-2-2B-sized SAE (d_in 2304, d_sae 16384, k_max 64) is served by re
    reconstructions, decodes, info, and ~15% bad requests that must get INVALID_ARGUMENT).
    Target: 0 unexpected errors, server RSS growth < 5% (after a warm-up round); p50/p99 shown.
 
-Ratios use medians of interleaved repetitions, so slow drifts of a shared machine cancel out.
+Ratios use medians of interleaved repetitions, so slow drifts of a shared machine cancel out;
+each latency call starts after a 50 ms pause so that it does not run into the previous call's
+still-spinning worker threads. The in-process reference uses the server's engine (the SAE with
+its encoder packed for CPU inference, as ``serve`` does).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import random
-import re
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-from collections import Counter
 from pathlib import Path
 
-import grpc
 import numpy as np
 import torch
 
@@ -53,54 +47,13 @@ from hsae_runtime.serving import build_proto
 
 build_proto.ensure()
 
-from hsae_runtime.client import Client, ServerError  # noqa: E402
+from serving_common import D_IN, D_SAE, K_MAX, ServerProcess, machine, median_ms  # noqa: E402
+from serving_load import bench_load  # noqa: E402
 
-D_IN, D_SAE, K_MAX = 2304, 16384, 64
+from hsae_runtime.client import Client  # noqa: E402
+
 BUDGETS8 = [8, 16, 24, 32, 40, 48, 56, 64]
-
-
-# ---------------------------------------------------------------------------- server process
-class ServerProcess:
-    def __init__(self, model: Path, *extra: str, lm: bool = False) -> None:
-        cmd = [sys.executable, "-m", "hsae_runtime.cli", "serve", str(model),
-               "--port", "0", "--device", "cpu", *extra, *([] if lm else ["--no-lm"])]  # fmt: skip
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
-        assert self.proc.stderr is not None
-        lines = []
-        for line in self.proc.stderr:
-            lines.append(line)
-            match = re.search(r"serving on 127\.0\.0\.1:(\d+)", line)
-            if match:
-                self.port = int(match.group(1))
-                break
-        else:
-            raise RuntimeError("server did not start:\n" + "".join(lines))
-        self.log: list[str] = []
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _drain(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.log.append(line)
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def rss_bytes(self) -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise RuntimeError("no VmRSS")
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(60)
-
-
-def median_ms(samples: list[float]) -> float:
-    return statistics.median(samples) * 1e3
+SETTLE_S = 0.05  # idle time before each timed call in the latency rows
 
 
 # ---------------------------------------------------------------------------- 1 + 2
@@ -114,24 +67,27 @@ def bench_latency(model: Path, sae: SAE, reps: int) -> dict[str, float]:
                 sae.encode(x, K_MAX)
                 c.encode(activations=x_np, budgets=[K_MAX])
             local, remote, one, eight, one_fvu, eight_fvu = [], [], [], [], [], []
-            for _ in range(reps):
+
+            def timed(fn, into: list[float]) -> None:
+                # Start every call from idle CPUs, as an isolated request would: the previous
+                # call's OpenMP workers (here or in the server) spin for a while after it ends
+                # and would slow whichever measurement comes next on 2 cores.
+                time.sleep(SETTLE_S)
                 t = time.perf_counter()
+                fn()
+                into.append(time.perf_counter() - t)
+
+            def in_process() -> None:
                 with torch.inference_mode():
                     sae.encode(x, K_MAX)
-                local.append(time.perf_counter() - t)
-                t = time.perf_counter()
-                c.encode(activations=x_np, budgets=[K_MAX])
-                remote.append(time.perf_counter() - t)
+
+            for _ in range(reps):
+                timed(in_process, local)
+                timed(lambda: c.encode(activations=x_np, budgets=[K_MAX]), remote)
                 one.append(remote[-1])
-                t = time.perf_counter()
-                c.encode(activations=x_np, budgets=BUDGETS8)
-                eight.append(time.perf_counter() - t)
-                t = time.perf_counter()
-                c.encode(activations=x_np, budgets=[K_MAX], fvu=True)
-                one_fvu.append(time.perf_counter() - t)
-                t = time.perf_counter()
-                c.encode(activations=x_np, budgets=BUDGETS8, fvu=True)
-                eight_fvu.append(time.perf_counter() - t)
+                timed(lambda: c.encode(activations=x_np, budgets=BUDGETS8), eight)
+                timed(lambda: c.encode(activations=x_np, budgets=[K_MAX], fvu=True), one_fvu)
+                timed(lambda: c.encode(activations=x_np, budgets=BUDGETS8, fvu=True), eight_fvu)
     finally:
         server.stop()
     return {
@@ -233,130 +189,7 @@ def lm_sae(folder: Path) -> Path | None:
     return path
 
 
-# ---------------------------------------------------------------------------- 4
-BAD_KINDS = ("budget_zero", "budget_over", "wrong_width", "nan", "empty")
-
-
-def mixed_request(c: Client, rng: random.Random) -> tuple[str, grpc.StatusCode | None]:
-    """Send one random request; return (kind, the status code we expect: None = OK)."""
-    roll = rng.random()
-    rows = rng.choice((1, 1, 2, 4, 8))
-    x = np.random.default_rng(rng.randrange(2**31)).standard_normal((rows, D_IN))
-    x = x.astype(np.float32)
-    if roll < 0.15:
-        kind = rng.choice(BAD_KINDS)
-        match kind:
-            case "budget_zero":
-                c.encode(activations=x, budgets=[0, 8])
-            case "budget_over":
-                c.encode(activations=x, budgets=[K_MAX + 1])
-            case "wrong_width":
-                c.encode(activations=x[:, :100], budgets=[8])
-            case "nan":
-                x[0, 0] = np.nan
-                c.encode(activations=x, budgets=[8])
-            case "empty":
-                c.encode(activations=np.zeros((0, D_IN), np.float32), budgets=[8])
-            case other:
-                raise ValueError(other)
-        return kind, grpc.StatusCode.INVALID_ARGUMENT
-    if roll < 0.20:
-        c.info()
-        return "info", None
-    budgets = sorted(rng.sample([8, 16, 32, 64], rng.randint(1, 4)))
-    if roll < 0.30:
-        res = c.encode(activations=x, budgets=budgets)
-        c.decode(res.indices, res.values, budgets=budgets)
-        return "encode+decode", None
-    recon, fvu = rng.random() < 0.1, rng.random() < 0.3
-    c.encode(activations=x, budgets=budgets, reconstructions=recon, fvu=fvu)
-    return "encode", None
-
-
-def load_round(address: str, clients: int, per_client: int, seed: int) -> dict[str, object]:
-    latencies: list[float] = []
-    unexpected: list[str] = []
-    kinds: Counter[str] = Counter()
-    lock = threading.Lock()
-
-    def run(i: int) -> None:
-        rng = random.Random(seed * 1000 + i)
-        with Client(address, timeout=300) as c:
-            for _ in range(per_client):
-                t = time.perf_counter()
-                try:
-                    kind, expected = mixed_request(c, rng)
-                    got = None
-                except ServerError as err:
-                    kind, expected, got = "error", grpc.StatusCode.INVALID_ARGUMENT, err.code
-                    detail = str(err)
-                else:
-                    detail = ""
-                dt = time.perf_counter() - t
-                with lock:
-                    latencies.append(dt)
-                    kinds[kind] += 1
-                    if kind != "error" and expected is not None:
-                        unexpected.append(f"{kind}: expected {expected.name}, got OK")
-                    elif kind == "error" and got != expected:
-                        unexpected.append(detail)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - start
-    lat = sorted(latencies)
-    return {
-        "requests": len(lat),
-        "bad_requests": kinds["error"],
-        "unexpected": unexpected,
-        "p50_ms": lat[len(lat) // 2] * 1e3,
-        "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3,
-        "rps": len(lat) / elapsed,
-    }
-
-
-def bench_load(model: Path, per_client: int) -> dict[str, object]:
-    server = ServerProcess(model)
-    try:
-        # Warm-up: handler threads, malloc arenas and MKL's buffers for the varying batch
-        # shapes reach their working size first (RSS plateaus after ~4000 requests here), so
-        # the growth measured below is what a leak would show, not first-use allocation.
-        load_round(server.address, 32, max(per_client * 2 // 3, 5), seed=1)
-        rss_before = server.rss_bytes()
-        result = load_round(server.address, 32, per_client, seed=2)
-        rss_after = server.rss_bytes()
-        rc = server.stop()
-    except BaseException:
-        server.proc.kill()
-        raise
-    result["rss_before_mb"] = rss_before / 2**20
-    result["rss_after_mb"] = rss_after / 2**20
-    result["rss_growth_pct"] = 100 * (rss_after - rss_before) / rss_before
-    result["exit_code"] = rc
-    return result
-
-
 # ---------------------------------------------------------------------------- main
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), grpcio {grpc.__version__}, "
-        f"Python {platform.python_version()}"
-    )
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")

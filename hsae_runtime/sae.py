@@ -9,7 +9,9 @@ Parameters are named and oriented as SAELens does (``W_enc [d_in, d_sae]``, ``b_
 ``W_dec [d_sae, d_in]``, ``b_dec [d_in]``) so folders convert without transposes.
 
 Sparse codes stay ``(values, indices)`` end to end: decoding gathers k decoder rows with
-``F.embedding_bag`` and never builds a dense ``[N, d_sae]`` activation.
+``F.embedding_bag`` (or, for large CPU batches without autograd, reads each used row once per
+thread: :mod:`hsae_runtime.kernels.decode_cpu`) and never builds a dense ``[N, d_sae]``
+activation.
 
 Shape vocabulary: ``N`` tokens (leading dims flattened), ``d_in``, ``d_sae``, ``k``,
 ``n_budgets``.
@@ -27,7 +29,7 @@ from torch import Tensor, nn
 
 from hsae_runtime.config import SAEConfig
 from hsae_runtime.errors import InputError
-from hsae_runtime.kernels import linear_cpu
+from hsae_runtime.kernels import decode_cpu, linear_cpu
 from hsae_runtime.kernels.prefix_decode import prefix_decode
 from hsae_runtime.kernels.topk import masked_topk
 
@@ -223,6 +225,11 @@ class SAE(nn.Module):
 
     def _decode_flat(self, values: Tensor, indices: Tensor, *, bias: bool = True) -> Tensor:
         """``[N, k]`` values/indices (may hold -1) -> ``[N, d_in]``. No validation."""
+        needs_grad = torch.is_grad_enabled() and (
+            values.requires_grad or self.W_dec.requires_grad or self.b_dec.requires_grad
+        )
+        if bias and decode_cpu.worth_it(values, self.config.d_sae, needs_grad):
+            return decode_cpu.decode(values, indices, self.W_dec, self.b_dec)  # batch, CPU
         masked = indices < 0
         if bool(masked.any()):
             indices = indices.masked_fill(masked, 0)

@@ -103,13 +103,26 @@ class LMActivationSource:
 
     def blocks(self, start: int = 0) -> Iterator[tuple[int, Tensor]]:
         """Yield ``(block_index, acts [n, d_model])`` from block ``start`` on (float32, cpu)."""
+        from tqdm.auto import tqdm
+
         rank, world = _world()
+        # The LM is the slow part of a cold start: show contexts done and their rate.
+        bar = tqdm(unit="ctx", desc=f"LM -> {self.hookpoint.name}", disable=rank != 0,
+                   mininterval=2.0, leave=False)
+        try:
+            yield from self._blocks(start, rank, world, bar)
+        finally:
+            bar.close()
+
+    def _blocks(self, start: int, rank: int, world: int, bar: Any) -> Iterator[tuple[int, Tensor]]:
         for index, contexts in enumerate(self._context_blocks()):
             if index < start:
                 continue
             mine = contexts[rank::world]
-            pieces = [self._run(torch.stack(mine[i : i + self.lm_batch]))
-                      for i in range(0, len(mine), self.lm_batch)]
+            pieces = []
+            for i in range(0, len(mine), self.lm_batch):
+                pieces.append(self._run(torch.stack(mine[i : i + self.lm_batch])))
+                bar.update(len(mine[i : i + self.lm_batch]) * world)
             # per context, in the order this rank holds them: (T_kept, d)
             local = [p for batch in pieces for p in batch]
             if world > 1:

@@ -57,18 +57,22 @@ if numba is not None:
                     dW[i, l0 + ll] = buf[ll, i]
 
     @njit(cache=True)
-    def _group_by_latent(indices, dpre, d_sae, offsets, tok, coef):  # pragma: no cover - jitted
-        """Counting sort of the (token, dpre) entries by latent; skips index -1."""
-        n, k = indices.shape
+    def group_by_latent(indices, dpre, d_sae, t0, t1, offsets, tok, coef):  # pragma: no cover
+        """Counting sort of rows ``t0:t1``'s (token, coefficient) entries by latent.
+
+        ``offsets [d_sae + 1]``: latent l's entries are ``tok/coef[offsets[l]:offsets[l+1]]``.
+        Index -1 (masked) is skipped. Shared with :mod:`.decode_cpu`.
+        """
+        k = indices.shape[1]
         counts = np.zeros(d_sae + 1, dtype=np.int64)
-        for t in range(n):
+        for t in range(t0, t1):
             for j in range(k):
                 if indices[t, j] >= 0:
                     counts[indices[t, j] + 1] += 1
         for lat in range(d_sae):
             counts[lat + 1] += counts[lat]
         offsets[:] = counts
-        for t in range(n):
+        for t in range(t0, t1):
             for j in range(k):
                 lat = indices[t, j]
                 if lat >= 0:
@@ -89,9 +93,9 @@ def grad_w_enc(xc: Tensor, indices: Tensor, dpre: Tensor, d_sae: int) -> Tensor:
     offsets = np.empty(d_sae + 1, dtype=np.int64)
     tok = np.empty(n * k, dtype=np.int64)
     coef = np.empty(n * k, dtype=xc.numpy().dtype)
-    _group_by_latent(
+    group_by_latent(
         indices.detach().to(torch.int64).contiguous().numpy(),
-        dpre.detach().to(xc.dtype).contiguous().numpy(), d_sae, offsets, tok, coef,
+        dpre.detach().to(xc.dtype).contiguous().numpy(), d_sae, 0, n, offsets, tok, coef,
     )
     dW = torch.empty(xc.shape[1], d_sae, dtype=xc.dtype)
     _grad_w_enc(xc.numpy(), tok, coef, offsets, TILE, dW.numpy())

@@ -1,0 +1,81 @@
+"""Shared pieces of the serving benchmarks: a real `hsae-runtime serve` process, machine line.
+
+Used by ``bench_serving.py`` and ``serving_load.py`` (run ``bench_serving.py``; this module has
+no entry point).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import grpc
+import torch
+
+D_IN, D_SAE, K_MAX = 2304, 16384, 64
+
+
+class ServerProcess:
+    def __init__(self, model: Path, *extra: str, lm: bool = False) -> None:
+        cmd = [sys.executable, "-m", "hsae_runtime.cli", "serve", str(model),
+               "--port", "0", "--device", "cpu", *extra, *([] if lm else ["--no-lm"])]  # fmt: skip
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+        assert self.proc.stderr is not None
+        lines = []
+        for line in self.proc.stderr:
+            lines.append(line)
+            match = re.search(r"serving on 127\.0\.0\.1:(\d+)", line)
+            if match:
+                self.port = int(match.group(1))
+                break
+        else:
+            raise RuntimeError("server did not start:\n" + "".join(lines))
+        self.log: list[str] = []
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.log.append(line)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(60)
+
+
+def median_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1e3
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), grpcio {grpc.__version__}, "
+        f"Python {platform.python_version()}"
+    )
