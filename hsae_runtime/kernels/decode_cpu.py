@@ -75,7 +75,7 @@ if numba is not None:
 
 
 def decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
-    """``values/indices [N, k]`` (index -1 = masked) -> ``b_dec + Σ v · W_dec[idx]`` ``[N, d_in]``."""
+    """``values/indices [N, k]`` (index -1 = masked) -> ``b_dec + Σ v·W_dec[idx]`` ``[N, d_in]``."""
     assert numba is not None
     n = values.shape[0]
     W = W_dec.detach().contiguous()
