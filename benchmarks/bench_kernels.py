@@ -48,7 +48,10 @@ def main() -> None:
             t_ref = cuda_ms(lambda: masked_topk_reference(pre, k, k_rows))
             t_ker = cuda_ms(lambda: masked_topk_triton(pre, k, k_rows))
             v, i = masked_topk_reference(pre, k)
-            assert torch.equal(masked_topk_triton(pre, k)[1], i)
+            kv, ki = masked_topk_triton(pre, k)
+            # Exact ties occur among 4096 x 65536 random floats and torch.topk orders tied ids
+            # arbitrarily, so compare values, and check that each id holds its value.
+            assert torch.equal(kv, v) and torch.equal(pre.gather(1, ki).clamp_min(0), v)
             budgets = [k // 4, k // 2, k]
             d_ref = cuda_ms(lambda: prefix_decode_reference(v, i, W_dec, b_dec, budgets))
             d_ker = cuda_ms(lambda: prefix_decode_triton(v, i, W_dec, b_dec, budgets))

@@ -32,6 +32,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
     (2, 256, 16, 256),   # a single block
     (2, 500, 33, 256),   # K_PAD 64 > k
     (1, 40, 40, 16),     # k == d_sae (block grows to K_PAD)
+    (4, 300, 1, 128),    # k = 1: K_PAD is 2 (tl.topk(x, 1) does not compile on CUDA)
+    (2, 300, 2, 128),
 ])
 def test_topk_matches_reference(n, d_sae, k_top, block):
     pre = torch.randn(n, d_sae, device=DEVICE)

@@ -61,7 +61,7 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def prefix_decode_kernel(val_ptr, idx_ptr, w_ptr, b_ptr, ends_ptr, out_ptr,
+    def prefix_decode_kernel(val_ptr, idx_ptr, w_ptr, b_ptr, bounds_ptr, out_ptr,
                              n_rows, stride_code, stride_w, d_in, n_budgets,
                              BLOCK_D: tl.constexpr):
         row = tl.program_id(0)
@@ -69,9 +69,12 @@ def _kernel():
         cmask = cols < d_in
         acc = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
         code = row.to(tl.int64) * stride_code
-        start = 0
         for b in range(0, n_budgets):
-            end = tl.load(ends_ptr + b).to(tl.int32)
+            # Each segment's bounds are loaded, not carried from the previous iteration: a
+            # scalar that starts as a Python int is a constexpr, and the compiler does not carry
+            # a constexpr through a loop (the interpreter does; results differed on CUDA).
+            start = tl.load(bounds_ptr + b)
+            end = tl.load(bounds_ptr + b + 1)
             for j in range(start, end):
                 idx = tl.load(idx_ptr + code + j)
                 v = tl.load(val_ptr + code + j).to(tl.float32)
@@ -80,7 +83,6 @@ def _kernel():
                 acc += v * w.to(tl.float32)
             dst = out_ptr + (b * n_rows + row).to(tl.int64) * d_in + cols
             tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=cmask)
-            start = end
 
     return prefix_decode_kernel
 
@@ -98,10 +100,10 @@ def prefix_decode_triton(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: 
     values = values.contiguous()
     indices = indices.to(torch.int64).contiguous()
     W_dec = W_dec.contiguous()
-    ends = torch.tensor(ordered, dtype=torch.int32, device=values.device)
+    bounds = torch.tensor([0, *ordered], dtype=torch.int32, device=values.device)  # segments
     out = torch.empty(len(ordered), n, d_in, dtype=W_dec.dtype, device=values.device)
     grid = (n, triton.cdiv(d_in, block_d))
-    _kernel()[grid](values, indices, W_dec, b_dec.contiguous(), ends, out, n, k, W_dec.stride(0),
+    _kernel()[grid](values, indices, W_dec, b_dec.contiguous(), bounds, out, n, k, W_dec.stride(0),
                     d_in, len(ordered), BLOCK_D=block_d)
     if list(budgets) == ordered:
         return out

@@ -16,8 +16,9 @@ The kernel, in two launches:
 2. *merge*: grid ``(N,)``; one ``tl.topk`` over the row's ``n_blocks · K_PAD`` candidates, then
    unpack, ReLU, mask at the row's own budget, store ``k_top`` entries.
 
-``K_PAD`` is ``k_top`` rounded up to a power of two (``tl.topk`` needs one). Rows wider than
-``MAX_CANDIDATES / K_PAD`` blocks fall back to the reference, as do inputs that need gradients
+``K_PAD`` is ``k_top`` rounded up to a power of two, at least 2 (``tl.topk`` needs a power of
+two, and ``tl.topk(x, 1)`` runs in the interpreter but does not compile on CUDA). Rows wider
+than ``MAX_CANDIDATES / K_PAD`` blocks fall back to the reference, as do inputs that need gradients
 (the kernel has no backward) and non-CUDA tensors. Kernels are defined on first use, so
 ``TRITON_INTERPRET=1`` set before that runs them on the CPU (the tests do).
 """
@@ -37,6 +38,11 @@ from torch import Tensor
 BLOCK = 2048  # pre-activations per block program
 MAX_CANDIDATES = 16384  # keys one merge program sorts
 MAX_K = 1024
+# The kernel beats torch.topk only on small batches: on an H200 (Triton 3.6) torch ÷ kernel time
+# was 1.1-3.9x while N · d_sae · K_PAD <= 2**28 (e.g. N <= 512 at d_sae 16384, K 32), mixed up to
+# 2**29, and 0.4-0.8x beyond (N = 4096 at d_sae 65536: 0.38-0.66x). Serving batches are small;
+# training-size batches take torch.topk.
+MAX_KERNEL_WORK = 2**28
 
 
 def masked_topk_reference(pre: Tensor, k_top: int, k_rows: Tensor | None = None
@@ -109,13 +115,19 @@ def _next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def _k_pad(k_top: int) -> int:
+    """Keys each block keeps: ``k_top`` rounded up to a power of two, at least 2 (``tl.topk(x, 1)``
+    fails to compile on CUDA with Triton 3.6, though the interpreter runs it)."""
+    return max(2, _next_pow2(k_top))
+
+
 def masked_topk_triton(pre: Tensor, k_top: int, k_rows: Tensor | None = None, *,
                        block: int = BLOCK) -> tuple[Tensor, Tensor]:
     """The Triton kernel (no autograd). Same contract as :func:`masked_topk_reference`."""
     import triton
 
     n, d_sae = pre.shape
-    k_pad = _next_pow2(k_top)
+    k_pad = _k_pad(k_top)
     block = max(_next_pow2(min(block, d_sae)), k_pad)
     n_blocks = triton.cdiv(d_sae, block)
     n_cand = n_blocks * k_pad
@@ -134,14 +146,15 @@ def masked_topk_triton(pre: Tensor, k_top: int, k_rows: Tensor | None = None, *,
 
 
 def masked_topk(pre: Tensor, k_top: int, k_rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Dispatch: the Triton kernel on CUDA (no grad needed, within range), else torch."""
+    """Dispatch: the Triton kernel on CUDA (no grad needed, in range, small batch), else torch."""
     use_kernel = (
         pre.is_cuda
         and not (pre.requires_grad and torch.is_grad_enabled())
         and pre.dtype in (torch.float32, torch.float16, torch.bfloat16)
         and k_top <= MAX_K
-        and -(-pre.shape[-1] // max(_next_pow2(min(BLOCK, pre.shape[-1])), _next_pow2(k_top)))
-        * _next_pow2(k_top) <= MAX_CANDIDATES
+        and pre.shape[0] * pre.shape[-1] * _k_pad(k_top) <= MAX_KERNEL_WORK
+        and -(-pre.shape[-1] // max(_next_pow2(min(BLOCK, pre.shape[-1])), _k_pad(k_top)))
+        * _k_pad(k_top) <= MAX_CANDIDATES
         and triton_available()
     )
     if use_kernel:
