@@ -45,7 +45,7 @@ def serve(
     if backend not in ("torch", "onnx"):
         raise ConfigError(f"unknown backend {backend!r}", hint="choose torch or onnx")
     backend_name: BackendName = "torch" if backend == "torch" else "onnx"
-    _pin_malloc_mmap_threshold()
+    _tune_malloc()
     options = ServerOptions(
         host=host,
         port=port,
@@ -109,13 +109,18 @@ def encode(
     typer.echo(format_table(result, top=top))
 
 
-def _pin_malloc_mmap_threshold(threshold: int = 1 << 20) -> None:
-    """Keep glibc from growing the heap with per-batch buffers (a long-running server's RSS).
+def _tune_malloc(mmap_threshold: int = 1 << 20, top_pad: int = 64 << 20) -> None:
+    """Set glibc's allocator up for a long-running server with large per-batch buffers.
 
-    glibc raises its mmap threshold each time a large mmapped block is freed, so after a few
-    batches the multi-MB pre-activation buffers come from the heap, which fragments and keeps
-    the process's RSS creeping up under mixed load. Setting the threshold explicitly turns that
-    adjustment off: buffers over 1 MiB are mmapped and returned to the OS when freed.
+    * ``M_MMAP_THRESHOLD`` (1 MiB): glibc raises its mmap threshold each time a large mmapped
+      block is freed, so after a few batches the multi-MB buffers come from the heap, which
+      fragments and lets RSS creep up under mixed load. An explicit threshold turns that off.
+    * ``M_TOP_PAD`` (64 MiB): with the threshold alone, every buffer over 1 MiB was mmapped,
+      first-touched and unmapped again per batch: ~8,000 page faults (~30 MB) for one 256-row
+      encode at d_sae 16384, which made the server's encode ~15 % slower than the same encode
+      in-process. Each arena now keeps up to 64 MiB of free space at its top, large buffers are
+      carved from it, and a steady batch size faults nothing (measured: ~160 faults/request,
+      loopback / in-process 1.24 -> 1.09). The cost is at most that pad per busy arena.
     """
     import ctypes
     import ctypes.util
@@ -124,13 +129,15 @@ def _pin_malloc_mmap_threshold(threshold: int = 1 << 20) -> None:
 
     if not sys.platform.startswith("linux"):
         return
-    m_mmap_threshold = -3  # from glibc's malloc.h
+    m_top_pad, m_mmap_threshold = -2, -3  # from glibc's malloc.h
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = libc.mallopt(m_mmap_threshold, threshold)
+        ok = libc.mallopt(m_mmap_threshold, mmap_threshold), libc.mallopt(m_top_pad, top_pad)
     except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
         return
-    logging.getLogger(__name__).debug("mallopt(M_MMAP_THRESHOLD, %d) -> %d", threshold, ok)
+    logging.getLogger(__name__).debug(
+        "mallopt(M_MMAP_THRESHOLD, %d), mallopt(M_TOP_PAD, %d) -> %s", mmap_threshold, top_pad, ok
+    )
 
 
 def _read_token(path: Path | None) -> str | None:
