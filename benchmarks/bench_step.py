@@ -159,16 +159,21 @@ def bench_saelens(shape: dict[str, int], reps: int, python: Path) -> float | Non
     return json.loads(out.stdout.strip().splitlines()[-1])["median_s"]
 
 
-def bench_losses(shape: dict[str, int], reps: int, impls: list[str]) -> dict[str, float]:
+def bench_losses(shape: dict[str, int], reps: int, impls: list[str], *, device: str = "cpu",
+                 timer=timed) -> dict[str, float]:
+    """Median seconds of one loss forward + backward per implementation (and ``topk``).
+
+    ``timer(fn) -> seconds`` times one call (``bench_step_gpu.py`` passes a CUDA-event timer).
+    """
     from hsae_runtime import hierarchical_topk_loss, topk_loss
 
     n, d_in, d_sae, k = shape["n"], shape["d_in"], shape["d_sae"], shape["k"]
     torch.manual_seed(0)
-    x = torch.randn(n, d_in)
-    values = torch.rand(n, k).sort(dim=1, descending=True).values.requires_grad_()
-    indices = torch.randint(0, d_sae, (n, k))
-    W_dec = torch.randn(d_sae, d_in).div_(d_in**0.5).requires_grad_()
-    b_dec = torch.zeros(d_in, requires_grad=True)
+    x = torch.randn(n, d_in, device=device)
+    values = torch.rand(n, k, device=device).sort(dim=1, descending=True).values.requires_grad_()
+    indices = torch.randint(0, d_sae, (n, k), device=device)
+    W_dec = torch.randn(d_sae, d_in, device=device).div_(d_in**0.5).requires_grad_()
+    b_dec = torch.zeros(d_in, device=device, requires_grad=True)
 
     def run(impl: str):
         def fwd_bwd() -> None:
@@ -187,7 +192,7 @@ def bench_losses(shape: dict[str, int], reps: int, impls: list[str]) -> dict[str
     times: dict[str, list[float]] = {impl: [] for impl in fns}
     for _ in range(reps):
         for impl, fn in fns.items():
-            times[impl].append(timed(fn))
+            times[impl].append(timer(fn))
     return {impl: statistics.median(t) for impl, t in times.items()}
 
 

@@ -21,6 +21,7 @@ import statistics
 import time
 
 import torch
+from bench_step import bench_losses, make_step  # benchmarks/ is on sys.path when run as a script
 
 SHAPES = [  # (N, d_in, d_sae, K)
     (1024, 2304, 16384, 64),
@@ -49,24 +50,8 @@ def peak_bytes(fn) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
-def make_step(sae, opt, x, k: int, loss: str):
-    from hsae_runtime import hierarchical_topk_loss, topk_loss
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        values, indices = sae.encode_for_training(x, k)
-        if loss == "topk":
-            value = topk_loss(x, values, indices, sae.W_dec, sae.b_dec)
-        else:
-            value = hierarchical_topk_loss(x, values, indices, sae.W_dec, sae.b_dec)
-        value.backward()
-        opt.step()
-
-    return step
-
-
 def bench_shape(n: int, d_in: int, d_sae: int, k: int, reps: int) -> dict[str, float]:
-    from hsae_runtime import SAE, SAEConfig, hierarchical_topk_loss, topk_loss
+    from hsae_runtime import SAE, SAEConfig
 
     torch.manual_seed(0)
     sae = SAE(SAEConfig(d_in=d_in, d_sae=d_sae, k_max=k)).cuda()
@@ -85,31 +70,10 @@ def bench_shape(n: int, d_in: int, d_sae: int, k: int, reps: int) -> dict[str, f
             times[name].append(cuda_time(step))
     out.update({f"{name}_s": statistics.median(t) for name, t in times.items()})
 
-    values = torch.rand(n, k, device="cuda").sort(dim=1, descending=True).values.requires_grad_()
-    indices = torch.randint(0, d_sae, (n, k), device="cuda")
-    W_dec = (torch.randn(d_sae, d_in, device="cuda") / d_in**0.5).requires_grad_()
-    b_dec = torch.zeros(d_in, device="cuda", requires_grad=True)
-
-    def loss_fn(impl: str):
-        def fwd_bwd() -> None:
-            values.grad = W_dec.grad = b_dec.grad = None
-            if impl == "topk":
-                value = topk_loss(x, values, indices, W_dec, b_dec)
-            else:
-                value = hierarchical_topk_loss(x, values, indices, W_dec, b_dec, impl=impl)
-            value.backward()
-
-        return fwd_bwd
-
-    impls = ["topk", "triton", "flat", "reference"]
-    fns = {impl: loss_fn(impl) for impl in impls}
-    for fn in fns.values():
-        fn()
-    loss_times: dict[str, list[float]] = {impl: [] for impl in impls}
-    for _ in range(reps):
-        for impl, fn in fns.items():
-            loss_times[impl].append(cuda_time(fn))
-    out.update({f"loss_{impl}_s": statistics.median(t) for impl, t in loss_times.items()})
+    shape = {"n": n, "d_in": d_in, "d_sae": d_sae, "k": k}
+    losses = bench_losses(shape, reps, ["triton", "flat", "reference"], device="cuda",
+                          timer=cuda_time)
+    out.update({f"loss_{impl}_s": t for impl, t in losses.items()})
     return out
 
 
