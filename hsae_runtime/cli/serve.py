@@ -120,7 +120,7 @@ def _tune_malloc(mmap_threshold: int = 1 << 20, top_pad: int = 64 << 20) -> None
       encode at d_sae 16384, which made the server's encode ~15 % slower than the same encode
       in-process. Each arena now keeps up to 64 MiB of free space at its top, large buffers are
       carved from it, and a steady batch size faults nothing (measured: ~160 faults/request,
-      loopback / in-process 1.24 -> 1.09). The cost is at most that pad per busy arena.
+      loopback / in-process 1.24 -> 1.01-1.12). The cost is at most that pad per busy arena.
     """
     import ctypes
     import ctypes.util

@@ -70,9 +70,9 @@ def _kernel():
         acc = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
         code = row.to(tl.int64) * stride_code
         for b in range(0, n_budgets):
-            # Each segment's bounds are loaded, not carried from the previous iteration: a
-            # scalar that starts as a Python int is a constexpr, and the compiler does not carry
-            # a constexpr through a loop (the interpreter does; results differed on CUDA).
+            # Each segment's bounds are loaded, not carried over from the previous iteration:
+            # a `start` that began as the Python int 0 and was reassigned in the loop ran right
+            # in the interpreter but, compiled for CUDA, re-added the earlier segments.
             start = tl.load(bounds_ptr + b)
             end = tl.load(bounds_ptr + b + 1)
             for j in range(start, end):

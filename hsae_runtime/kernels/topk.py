@@ -147,14 +147,16 @@ def masked_topk_triton(pre: Tensor, k_top: int, k_rows: Tensor | None = None, *,
 
 def masked_topk(pre: Tensor, k_top: int, k_rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Dispatch: the Triton kernel on CUDA (no grad needed, in range, small batch), else torch."""
+    n, d_sae = pre.shape
+    k_pad = _k_pad(k_top)
+    n_blocks = -(-d_sae // max(_next_pow2(min(BLOCK, d_sae)), k_pad))
     use_kernel = (
         pre.is_cuda
         and not (pre.requires_grad and torch.is_grad_enabled())
         and pre.dtype in (torch.float32, torch.float16, torch.bfloat16)
         and k_top <= MAX_K
-        and pre.shape[0] * pre.shape[-1] * _k_pad(k_top) <= MAX_KERNEL_WORK
-        and -(-pre.shape[-1] // max(_next_pow2(min(BLOCK, pre.shape[-1])), _k_pad(k_top)))
-        * _k_pad(k_top) <= MAX_CANDIDATES
+        and n * d_sae * k_pad <= MAX_KERNEL_WORK
+        and n_blocks * k_pad <= MAX_CANDIDATES
         and triton_available()
     )
     if use_kernel:
