@@ -15,7 +15,8 @@ import time
 
 import torch
 
-from hsae_runtime.lm import capture, gemma3_270m_path, load_lm
+from hsae_runtime.gguf import gemma3_270m_path
+from hsae_runtime.lm import capture, load_lm
 
 
 def _time(fn, repeats: int) -> float:

@@ -175,7 +175,7 @@ def bench_batching(model: Path, per_client: int, lm: bool = False) -> dict[str, 
 def lm_sae(folder: Path) -> Path | None:
     """A random SAE for Gemma-3 270M's layer 6 (d_in 640), or None without the GGUF package."""
     try:
-        from hsae_runtime.lm import gemma3_270m_path
+        from hsae_runtime.gguf import gemma3_270m_path
 
         gguf = gemma3_270m_path()
     except Exception as err:  # noqa: BLE001 - the LM row is optional

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from hsae_runtime.client import Client, format_table
-    from hsae_runtime.lm import gemma3_270m_path
+    from hsae_runtime.gguf import gemma3_270m_path
     from hsae_runtime.serving import build_proto
 
     build_proto.ensure()  # no-op after `make proto`

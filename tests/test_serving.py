@@ -391,20 +391,6 @@ def test_onnx_backend_serves_the_same_codes(tiny_sae_path, sae):
     )
 
 
-def test_batcher_respects_max_batch_tokens_and_drains_on_close(sae):
-    from hsae_runtime.serving.batcher import Batcher, Job
-
-    batcher = Batcher(TorchBackend(sae), None, BatcherConfig(max_batch_tokens=10, max_wait_ms=300))
-    xs = [torch.randn(4, 64) for _ in range(5)]
-    futures = [batcher.submit(Job(budgets=[2, 4], activations=x)) for x in xs]
-    batcher.close()  # finishes what is queued
-    for x, future in zip(xs, futures):
-        np.testing.assert_array_equal(future.result(0).indices, sae.encode(x, 4).indices)
-    assert batcher.stats.batches == 3  # 4+4 | 4+4 | 4: a fifth row set would exceed 10
-    with pytest.raises(Exception, match="shutting down"):
-        batcher.submit(Job(budgets=[4], activations=xs[0]))
-
-
 def test_cancelled_request_is_dropped_before_the_model_runs(sae):
     running = _start(sae, delay=0.4, batching=False)
     request = _raw(activations=_acts(GOOD), budgets=[4])
@@ -424,25 +410,3 @@ def test_cancelled_request_is_dropped_before_the_model_runs(sae):
         assert running.batcher.stats.encodes == 1
     finally:
         running.stop(grace=1)
-
-
-def test_batch_closes_early_once_as_large_as_the_last_one(sae):
-    """A lone client never sits out max_wait; a batch stops waiting at the last batch's size."""
-    from hsae_runtime.serving.batcher import Batcher, Job
-
-    batcher = Batcher(TorchBackend(sae), None, BatcherConfig(max_wait_ms=3000))
-    try:
-        for _ in range(3):  # sequential requests: each its own batch, none waits 3 s
-            start = time.monotonic()
-            batcher.run(Job(budgets=[4], activations=torch.randn(2, 64)), timeout=30)
-            assert time.monotonic() - start < 1.5
-        # A request being parsed holds the batch open (up to max_wait) so it can join.
-        with batcher.arriving():
-            first = batcher.submit(Job(budgets=[4], activations=torch.randn(1, 64)))
-            time.sleep(0.3)
-            assert not first.done()  # target 1 reached, but a request is still arriving
-            second = batcher.submit(Job(budgets=[4], activations=torch.randn(1, 64)))
-        first.result(30), second.result(30)
-        assert batcher.stats.batches == 4  # the last two shared one batch
-    finally:
-        batcher.close()

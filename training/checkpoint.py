@@ -19,7 +19,7 @@ from hsae_runtime.errors import ConfigError
 from hsae_runtime.sae import SAE
 
 if TYPE_CHECKING:
-    from hsae_runtime.training.trainer import TrainConfig
+    from hsae_runtime.training.config import TrainConfig
 
 CHECKPOINT_NAME = "checkpoint.pt"
 

@@ -1,7 +1,7 @@
 """Train a HierarchicalTopK (or plain TopK) SAE on live LM activations.
 
-Call :func:`train` with a :class:`TrainConfig` (the CLI ``hsae-runtime train`` is a thin
-wrapper). Notable choices:
+Call :func:`train` with a :class:`~hsae_runtime.training.config.TrainConfig` (the CLI
+``hsae-runtime train`` is a thin wrapper). Notable choices:
 
 * Activations are scaled by ``s`` so that E‖s·x‖² = d_in during training (one learning rate
   fits every LM); at save time ``s`` is folded into the weights (``b_enc/s``, ``b_dec/s``), so
@@ -26,7 +26,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -42,6 +42,7 @@ from hsae_runtime.training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from hsae_runtime.training.config import TrainConfig
 from hsae_runtime.training.optim import (
     AuxK,
     geometric_median,
@@ -51,113 +52,6 @@ from hsae_runtime.training.optim import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-
-@dataclass
-class TrainConfig:
-    """Everything a training run depends on (the CLI fills it from flags)."""
-
-    lm: str
-    """Hub id, local folder or .gguf file of the language model."""
-    hookpoint: str
-    """Where the SAE reads, e.g. ``model.layers.6`` or ``blocks.6.hook_resid_post``."""
-    data: str
-    """Training text: .txt / .jsonl file or ``hf:NAME[:CONFIG][:SPLIT]``."""
-    d_sae: int
-    """Number of latents."""
-    k_max: int
-    """Largest budget (the encoder's top-k)."""
-    out: str = "sae.safetensors"
-    """Where the trained model file is written."""
-    objective: Literal["hierarchical", "topk"] = "hierarchical"
-    """``hierarchical``: mean loss over ``budgets``; ``topk``: the loss at ``k`` only."""
-    k: int | None = None
-    """Budget for the ``topk`` objective (default ``k_max``)."""
-    budgets: tuple[int, ...] | None = None
-    """Budgets of the hierarchical loss (default all 1..k_max)."""
-    tokens: int = 1_000_000
-    """Training tokens (across all ranks and epochs)."""
-    batch_tokens: int = 1024
-    """Tokens per optimiser step (global, split over ranks)."""
-    lr: float = 5e-4
-    """Peak Adam learning rate."""
-    warmup_frac: float = 0.02
-    """Fraction of steps of linear warm-up."""
-    decay_frac: float = 0.2
-    """Fraction of final steps over which the learning rate decays linearly to 0."""
-    context: int = 128
-    """Tokens per LM context (BOS + text)."""
-    lm_batch: int = 8
-    """Contexts per LM forward."""
-    block_contexts: int = 64
-    """Contexts mixed together by the shuffling buffer."""
-    include_special: bool = False
-    """Train on BOS / EOS / pad positions too (excluded by default)."""
-    b_dec_init: Literal["mean", "median", "zero"] = "median"
-    """How ``b_dec`` is initialised from the first batch."""
-    aux_alpha: float = 1 / 32
-    """AuxK loss weight (0 disables it)."""
-    dead_tokens: int = 1_000_000
-    """A latent not firing for this many tokens counts as dead."""
-    seed: int = 0
-    """Seeds the initialisation and the data order."""
-    checkpoint_dir: str | None = None
-    """Folder for checkpoints (none written when unset)."""
-    checkpoint_every: int = 500
-    """Steps between checkpoints."""
-    resume: bool = False
-    """Continue from ``checkpoint_dir`` when a checkpoint is there."""
-    activation_cache: str | None = None
-    """Folder for an on-disk activation cache (read when complete, written otherwise)."""
-    cache_dtype: Literal["float32", "float16", "bfloat16"] = "bfloat16"
-    """Storage dtype of the activation cache."""
-    device: str = "auto"
-    """Where the LM and the SAE run: auto, cpu, cuda."""
-    lm_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    """dtype of the LM weights."""
-    log_every: int = 10
-    """Steps between progress-bar metric updates."""
-    progress: bool = True
-    """Show a tqdm progress bar (rank 0 only)."""
-    max_steps: int | None = None
-    """Stop after this many steps (tests; the schedule still uses ``tokens``)."""
-
-    def __post_init__(self) -> None:
-        for name in ("d_sae", "k_max", "tokens", "batch_tokens", "context", "lm_batch",
-                     "block_contexts", "checkpoint_every", "log_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"TrainConfig.{name} must be a positive int, got {value!r}")
-        if self.k_max > self.d_sae:
-            raise ConfigError(
-                f"TrainConfig.k_max ({self.k_max}) must be <= d_sae ({self.d_sae})",
-                hint="use a wider SAE (--d-sae) or a smaller --k-max",
-            )
-        if self.objective not in ("hierarchical", "topk"):
-            raise ConfigError(f"TrainConfig.objective must be hierarchical or topk, "
-                              f"got {self.objective!r}")
-        if self.k is not None and not 1 <= self.k <= self.k_max:
-            raise ConfigError(f"TrainConfig.k ({self.k}) must lie in 1..k_max={self.k_max}")
-        if self.budgets is not None:
-            self.budgets = tuple(sorted({int(b) for b in self.budgets}))
-            if not self.budgets or self.budgets[0] < 1 or self.budgets[-1] > self.k_max:
-                raise ConfigError(f"TrainConfig.budgets must lie in 1..k_max={self.k_max}")
-        if not self.lr > 0:
-            raise ConfigError(f"TrainConfig.lr must be positive, got {self.lr}")
-        if not (0 <= self.warmup_frac < 1 and 0 <= self.decay_frac <= 1):
-            raise ConfigError("TrainConfig.warmup_frac / decay_frac must lie in [0, 1)")
-        if self.cache_dtype not in ("float32", "float16", "bfloat16"):
-            raise ConfigError(f"TrainConfig.cache_dtype must be float32, float16 or bfloat16, "
-                              f"got {self.cache_dtype!r}")
-        if self.b_dec_init not in ("mean", "median", "zero"):
-            raise ConfigError(f"TrainConfig.b_dec_init must be mean, median or zero, "
-                              f"got {self.b_dec_init!r}")
-
-    @property
-    def train_k(self) -> int:
-        """The encoder's top-k during training."""
-        return self.k_max if self.objective == "hierarchical" or self.k is None else self.k
 
 
 @dataclass

@@ -44,7 +44,8 @@ def _tiny_lm(out: Path) -> str:
 
 
 def run(s: Settings) -> dict[str, Any]:
-    from hsae_runtime.lm import gemma3_270m_path, load_lm
+    from hsae_runtime.gguf import gemma3_270m_path
+    from hsae_runtime.lm import load_lm
     from hsae_runtime.sae import SAE
 
     if s.threads:
