@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -170,6 +172,18 @@ def test_activation_cache_reused(tiny_lm_dir, tiny_text_file, tmp_path):
     second = train(_cfg(tiny_lm_dir, tiny_text_file, tmp_path / "b", **kw))
     assert second.lm_seconds == 0.0  # the LM never ran
     assert second.losses == first.losses
+    # The same file named by a relative path still matches the cache ...
+    relative = os.path.relpath(tiny_text_file)
+    third = train(_cfg(tiny_lm_dir, relative, tmp_path / "c", **{**kw, "max_steps": 2}))
+    assert third.lm_seconds == 0.0
+    # ... but an edited file does not reuse stale activations.
+    edited = tmp_path / "edited.txt"
+    edited.write_text(Path(tiny_text_file).read_text())
+    train(_cfg(tiny_lm_dir, edited, tmp_path / "d", **{**kw, "max_steps": 2}))
+    edited.write_text(Path(tiny_text_file).read_text() + "\nOne more line of text.\n")
+    os.utime(edited, (1e9, 1e9))
+    fourth = train(_cfg(tiny_lm_dir, edited, tmp_path / "e", **{**kw, "max_steps": 2}))
+    assert fourth.lm_seconds > 0.0  # rebuilt
 
 
 # ---------------------------------------------------------------------------- errors

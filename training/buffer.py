@@ -42,6 +42,21 @@ logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 
 
+def data_identity(data: str | Path) -> tuple[str, str]:
+    """``(name, stamp)`` of a data source for cache keys.
+
+    A local file is named by its absolute path, so the same file given relative to another
+    working directory (or through ``--cache-dir`` from another run) still matches, and stamped
+    with its size and mtime, so an edited file does not reuse stale activations. Other sources
+    (``hf:...``) are named as given, with an empty stamp.
+    """
+    path = Path(data).expanduser()
+    if not path.is_file():
+        return str(data), ""
+    stat = path.stat()
+    return str(path.resolve()), f"{stat.st_size}:{int(stat.st_mtime)}"
+
+
 @dataclass
 class Timer:
     """Wall-clock seconds spent in the LM (capture) vs elsewhere; for the progress report."""
@@ -78,9 +93,7 @@ class LMActivationSource:
 
     def key(self) -> dict[str, Any]:
         """What the activations depend on (a cache built for another key is not reused)."""
-        data = str(self.data)
-        path = Path(data)
-        stamp = f"{path.stat().st_size}:{int(path.stat().st_mtime)}" if path.is_file() else ""
+        data, stamp = data_identity(self.data)
         return {
             "lm": self.lm.name,
             "hookpoint": self.hookpoint.name,

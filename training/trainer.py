@@ -310,8 +310,12 @@ def finalize(sae: SAE, scale: float, cfg: TrainConfig, state: TrainState) -> SAE
 
 
 def _cache_matches(key: dict[str, Any], cfg: TrainConfig) -> bool:
+    from hsae_runtime.training.buffer import data_identity
+
+    data, stamp = data_identity(cfg.data)
     return (key.get("lm") == cfg.lm and key.get("hookpoint") == cfg.hookpoint
-            and key.get("data") == str(cfg.data) and key.get("context") == cfg.context
+            and key.get("data") == data and key.get("data_stamp") == stamp
+            and key.get("context") == cfg.context
             and key.get("block_contexts") == cfg.block_contexts
             and key.get("include_special") == cfg.include_special)
 
