@@ -107,3 +107,13 @@ def test_references_are_what_the_sae_computes():
             prefix_decode_reference(v, i, sae.W_dec, sae.b_dec, [4, 1, 6]),
             sae.reconstruct_from_code(code, [4, 1, 6]),
         )
+
+
+def test_dispatch_keeps_leading_dims():
+    """``masked_topk`` takes any ``[..., d_sae]`` (the kernel path only 2-D inputs)."""
+    pre = torch.randn(2, 3, 50, device=DEVICE)
+    got_v, got_i = masked_topk(pre, 4)
+    ref_v, ref_i = masked_topk_reference(pre, 4)
+    assert got_v.shape == (2, 3, 4)
+    torch.testing.assert_close(got_v, ref_v)
+    torch.testing.assert_close(got_i, ref_i)

@@ -147,7 +147,8 @@ def masked_topk_triton(pre: Tensor, k_top: int, k_rows: Tensor | None = None, *,
 
 def masked_topk(pre: Tensor, k_top: int, k_rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Dispatch: the Triton kernel on CUDA (no grad needed, in range, small batch), else torch."""
-    n, d_sae = pre.shape
+    d_sae = pre.shape[-1]  # the reference takes any leading dims; the kernel wants 2-D
+    n = pre.numel() // max(d_sae, 1)
     k_pad = _k_pad(k_top)
     n_blocks = -(-d_sae // max(_next_pow2(min(BLOCK, d_sae)), k_pad))
     use_kernel = (
@@ -157,6 +158,7 @@ def masked_topk(pre: Tensor, k_top: int, k_rows: Tensor | None = None) -> tuple[
         and k_top <= MAX_K
         and n * d_sae * k_pad <= MAX_KERNEL_WORK
         and n_blocks * k_pad <= MAX_CANDIDATES
+        and pre.dim() == 2
         and triton_available()
     )
     if use_kernel:
