@@ -55,3 +55,67 @@ def test_batch_closes_early_once_as_large_as_the_last_one(sae):
         assert batcher.stats.batches == 4  # the last two shared one batch
     finally:
         batcher.close()
+
+
+def test_one_batch_mixes_numpy_and_tensor_rows_of_any_dtype(sae):
+    """Request threads hand numpy arrays (float32/float16) or tensors (bfloat16) to the batcher;
+    one batch of all of them equals encoding each on its own, at each job's own budget."""
+    rng = np.random.default_rng(0)
+    inputs = [
+        rng.standard_normal((3, 64)).astype(np.float32),
+        rng.standard_normal((1, 64)).astype(np.float16),
+        torch.randn(2, 64, dtype=torch.bfloat16),
+        torch.randn(2, 64),
+        rng.standard_normal((2, 64)).astype(np.float32),
+    ]
+    budgets = [[4], [2, 3], [1], [4, 2], [3]]
+    batcher = Batcher(TorchBackend(sae), None, BatcherConfig(max_wait_ms=3000))
+    try:
+        with batcher.arriving():  # hold the batch open until every job is queued
+            futures = [
+                batcher.submit(Job(budgets=b, activations=x, fvu=True))
+                for x, b in zip(inputs, budgets)
+            ]
+        outputs = [f.result(30) for f in futures]
+    finally:
+        batcher.close()
+    assert batcher.stats.batches == 1
+    for x, b, out in zip(inputs, budgets, outputs):
+        t = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
+        ref = sae.encode(t.float(), max(b))
+        assert isinstance(out.values, np.ndarray) and out.values.dtype == np.float32
+        assert isinstance(out.indices, np.ndarray) and out.indices.dtype == np.int32
+        np.testing.assert_array_equal(out.indices, ref.indices.numpy())
+        np.testing.assert_allclose(out.values, ref.values.numpy(), rtol=1e-5, atol=1e-6)
+        assert out.fvu is not None and tuple(out.fvu.shape) == (len(b), t.shape[0])
+
+
+class _SlowBackend(TorchBackend):
+    """Encodes take ``delay`` seconds, so tests can queue jobs while a batch runs."""
+
+    def __init__(self, sae: SAE, delay: float) -> None:
+        super().__init__(sae)
+        self.delay = delay
+
+    def encode(self, x, k):
+        time.sleep(self.delay)
+        return super().encode(x, k)
+
+
+def test_closed_loop_clients_merge_into_one_batch(sae):
+    """Client A is answered while client B waits in the queue: the next batch expects both
+    (A sends again), and its wait counts from when the worker was free, not from when B
+    queued - so B and A's next request share a batch instead of alternating forever."""
+    batcher = Batcher(_SlowBackend(sae, delay=1.0), None, BatcherConfig(max_wait_ms=1500))
+    try:
+        a1 = batcher.submit(Job(budgets=[4], activations=torch.randn(1, 64)))
+        time.sleep(0.1)  # a1's batch is running
+        b1 = batcher.submit(Job(budgets=[4], activations=torch.randn(1, 64)))
+        a1.result(30)  # the worker is free at ~1.0 s; B queued at ~0.1 s
+        time.sleep(0.9)  # past B's queue time + max_wait, within free time + max_wait
+        assert not b1.done()  # B waits for A's next request
+        a2 = batcher.submit(Job(budgets=[4], activations=torch.randn(1, 64)))
+        b1.result(30), a2.result(30)
+        assert batcher.stats.batches == 2 and batcher.stats.rows == 3
+    finally:
+        batcher.close()

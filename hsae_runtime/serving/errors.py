@@ -115,12 +115,15 @@ def handle_errors(method: F) -> F:
     name = method.__name__
 
     def finish(context: grpc.ServicerContext, start: float, err: BaseException | None) -> None:
-        ms = (time.perf_counter() - start) * 1e3
         if err is None:
-            log.debug("%s OK %.1f ms peer=%s", name, ms, context.peer())
+            if log.isEnabledFor(logging.DEBUG):  # skip peer() and the clock when not logging
+                ms = (time.perf_counter() - start) * 1e3
+                log.debug("%s OK %.1f ms peer=%s", name, ms, context.peer())
             return
         code, message = status_for(err)
-        log.debug("%s %s %.1f ms peer=%s: %s", name, code.name, ms, context.peer(), message)
+        if log.isEnabledFor(logging.DEBUG):
+            ms = (time.perf_counter() - start) * 1e3
+            log.debug("%s %s %.1f ms peer=%s: %s", name, code.name, ms, context.peer(), message)
         context.abort(code, message)
 
     if inspect.isgeneratorfunction(method):
