@@ -26,7 +26,11 @@ def serve(
     backend: str = typer.Option("torch", help="SAE backend: torch or onnx."),
     lm_dtype: str = typer.Option("float32", help="LM dtype: float32, float16 or bfloat16."),
     max_batch_tokens: int = typer.Option(8192, help="Most tokens in one batched forward."),
-    max_wait_ms: float = typer.Option(5.0, help="How long a request waits for batch-mates."),
+    max_wait_ms: float = typer.Option(
+        5.0,
+        help="Most ms the free worker holds a batch open for more requests (raise it, e.g. "
+        "25, for many clients that each wait for their answer before sending again).",
+    ),
     max_queue: int = typer.Option(256, help="Queued requests before RESOURCE_EXHAUSTED."),
     no_batching: bool = typer.Option(False, "--no-batching", help="One forward per request."),
     max_request_tokens: int = typer.Option(8192, help="Most tokens / rows in one request."),
