@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from serving_helpers import DelayedBackend
 
 from hsae_runtime.sae import SAE
 from hsae_runtime.serving.backend import TorchBackend
@@ -90,23 +91,11 @@ def test_one_batch_mixes_numpy_and_tensor_rows_of_any_dtype(sae):
         assert out.fvu is not None and tuple(out.fvu.shape) == (len(b), t.shape[0])
 
 
-class _SlowBackend(TorchBackend):
-    """Encodes take ``delay`` seconds, so tests can queue jobs while a batch runs."""
-
-    def __init__(self, sae: SAE, delay: float) -> None:
-        super().__init__(sae)
-        self.delay = delay
-
-    def encode(self, x, k):
-        time.sleep(self.delay)
-        return super().encode(x, k)
-
-
 def test_closed_loop_clients_merge_into_one_batch(sae):
     """Client A is answered while client B waits in the queue: the next batch expects both
     (A sends again), and its wait counts from when the worker was free, not from when B
     queued - so B and A's next request share a batch instead of alternating forever."""
-    batcher = Batcher(_SlowBackend(sae, delay=1.0), None, BatcherConfig(max_wait_ms=1500))
+    batcher = Batcher(DelayedBackend(sae, delay=1.0), None, BatcherConfig(max_wait_ms=1500))
     try:
         a1 = batcher.submit(Job(budgets=[4], activations=torch.randn(1, 64)))
         time.sleep(0.1)  # a1's batch is running

@@ -1,62 +1,40 @@
 """The gRPC server end to end on 127.0.0.1 (port 0): tiny random Gemma-2 + tiny SAE.
 
-Round trips must equal a direct ``sae.encode`` for text, token ids and activations; nested
-budgets come from one code; every error class maps to its status and the server keeps serving;
-concurrent requests are coalesced into fewer LM forwards.
+Round trips must equal a direct ``sae.encode`` for text, token ids and activations (float32
+from the client, float16 / bfloat16 raw on the wire); nested budgets come from one code; every
+error class maps to its status and the server keeps serving. Queueing, coalescing and
+cancellation: ``test_serving_batching.py``; TLS, tokens, health and shutdown:
+``test_serving_server.py``.
 """
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 import torch
+from serving_helpers import (
+    BUG_VALUE,
+    GOOD,
+    HOOKPOINT,
+    MAX_MESSAGE,
+    MAX_TOKENS,
+    TEXT,
+    direct_encode,
+    pb,
+    pb_grpc,
+    req,
+    start_server,
+    wire,
+)
 
-from hsae_runtime.serving import build_proto
-
-build_proto.ensure()  # generated stubs are build outputs: make sure they exist and are current
-
-from hsae_runtime.client import Client, ServerError, format_table  # noqa: E402
-from hsae_runtime.lm import capture, load_lm, special_token_mask  # noqa: E402
-from hsae_runtime.sae import SAE, SparseCode, per_token_fvu  # noqa: E402
-from hsae_runtime.serving import server as srv  # noqa: E402
-from hsae_runtime.serving.backend import TorchBackend  # noqa: E402
-from hsae_runtime.serving.batcher import BatcherConfig  # noqa: E402
-from hsae_runtime.serving.servicer import ServingLimits  # noqa: E402
-from hsae_runtime.serving.stubs import load as load_stubs  # noqa: E402
-
-pb, pb_grpc = load_stubs()
-
-HOOKPOINT = "model.layers.1"
-TEXT = "The quick brown fox jumps over the lazy dog."
-MAX_MESSAGE = 256 * 2**10
-MAX_TOKENS = 512
+from hsae_runtime.client import Client, ServerError, format_table
+from hsae_runtime.lm import load_lm
+from hsae_runtime.sae import SAE, per_token_fvu
 
 pytestmark = pytest.mark.timeout(120)
-
-
-class SlowBackend:
-    """Wraps a backend: sleeps before each encode; raises on a magic row (a fake bug)."""
-
-    def __init__(self, inner: TorchBackend, delay: float = 0.0) -> None:
-        self.inner, self.delay = inner, delay
-        self.name, self.config, self.device = inner.name, inner.config, inner.device
-
-    def encode(self, x: torch.Tensor, k: int) -> SparseCode:
-        time.sleep(self.delay)
-        if bool((x == 12345.0).any()):
-            raise RuntimeError("simulated bug")
-        return self.inner.encode(x, k)
-
-    def reconstruct_from_code(self, code, budgets):
-        return self.inner.reconstruct_from_code(code, budgets)
-
-    def fvu_center(self) -> torch.Tensor:
-        return self.inner.fvu_center()
 
 
 @pytest.fixture(scope="module")
@@ -69,27 +47,9 @@ def sae(tiny_sae_path: Path) -> SAE:
     return SAE.load(tiny_sae_path).requires_grad_(False)
 
 
-def _start(sae, lm=None, *, delay=0.0, **batching) -> srv.RunningServer:
-    backend = SlowBackend(TorchBackend(sae), delay)
-    options = srv.ServerOptions(
-        port=0,
-        limits=ServingLimits(max_request_tokens=MAX_TOKENS, max_message_bytes=MAX_MESSAGE),
-        batching=BatcherConfig(**{"max_wait_ms": 2.0, **batching}),
-    )
-    if lm is None:
-        return srv.start(backend, options=options)
-    return srv.start(
-        backend,
-        lm=lm,
-        hookpoint=HOOKPOINT,
-        capture=lambda ids, mask: capture(lm, HOOKPOINT, ids, mask),
-        options=options,
-    )
-
-
 @pytest.fixture(scope="module")
 def server(sae, lm):
-    running = _start(sae, lm)
+    running = start_server(sae, lm)
     yield running
     running.stop(grace=1)
 
@@ -98,16 +58,6 @@ def server(sae, lm):
 def client(server):
     with Client(f"127.0.0.1:{server.port}", timeout=30) as c:
         yield c
-
-
-def _direct(lm, sae, ids: list[int], k: int, include_special: bool = False):
-    ids_t = torch.tensor([ids])
-    acts = capture(lm, HOOKPOINT, ids_t)[0]  # (T, d_in)
-    keep = torch.ones(len(ids), dtype=torch.bool)
-    if not include_special:
-        keep = ~special_token_mask(lm.tokenizer, ids_t)[0]
-    x = acts[keep]
-    return x, sae.encode(x, k)
 
 
 # ---------------------------------------------------------------------------- round trips
@@ -122,7 +72,7 @@ def test_info(client, sae, lm):
 def test_text_round_trip_equals_direct_encode(client, lm, sae):
     res = client.encode(text=TEXT, budgets=[4, 16])
     ids = lm.tokenizer(TEXT)["input_ids"]
-    _, code = _direct(lm, sae, ids, 16)
+    _, code = direct_encode(lm, sae, ids, 16)
     assert res.k == 16 and res.values.shape == (len(ids) - 1, 16)  # BOS skipped
     np.testing.assert_array_equal(res.indices, code.indices.numpy())
     np.testing.assert_allclose(res.values, code.values.numpy(), rtol=1e-5, atol=1e-6)
@@ -137,7 +87,7 @@ def test_text_round_trip_equals_direct_encode(client, lm, sae):
 def test_tokens_round_trip_with_special_tokens(client, lm, sae):
     ids = lm.tokenizer("Sparse autoencoders")["input_ids"]
     res = client.encode(tokens=ids, budgets=[8], include_special_tokens=True)
-    _, code = _direct(lm, sae, ids, 8, include_special=True)
+    _, code = direct_encode(lm, sae, ids, 8, include_special=True)
     assert res.positions.tolist() == list(range(len(ids)))
     np.testing.assert_array_equal(res.indices, code.indices.numpy())
     np.testing.assert_allclose(res.values, code.values.numpy(), rtol=1e-5, atol=1e-6)
@@ -153,6 +103,36 @@ def test_activations_round_trip_keeps_leading_dims(client, sae):
     half = client.encode(activations=x, budgets=[7], output_dtype="float16")
     assert half.values.dtype == np.float16
     np.testing.assert_allclose(half.values, code.values.numpy(), rtol=2e-3, atol=2e-3)
+
+
+def test_half_precision_activations_on_the_wire(server, sae):
+    """float16 and bfloat16 request bytes (e.g. from grpcurl or a non-Python client) decode to
+    the same rows the server then encodes in float32; NaN in bfloat16 is still refused."""
+    x = torch.randn(3, 64)
+    half = x.half()
+    bf16 = x.bfloat16()
+    cases = (
+        (half.numpy().tobytes(), pb.DTYPE_FLOAT16, half.float()),
+        (bf16.view(torch.int16).numpy().tobytes(), pb.DTYPE_BFLOAT16, bf16.float()),
+    )
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.HSAEStub(channel)
+        for data, dtype, rows in cases:
+            tensor = pb.Tensor(data=data, shape=[3, 64], dtype=dtype)
+            resp = stub.Encode(pb.EncodeRequest(activations=tensor, budgets=[5]), timeout=30)
+            code = sae.encode(rows, 5)
+            indices = np.frombuffer(resp.indices.data, np.int32).reshape(3, 5)
+            values = np.frombuffer(resp.values.data, np.float32).reshape(3, 5)
+            np.testing.assert_array_equal(indices, code.indices.numpy())
+            np.testing.assert_allclose(values, code.values.numpy(), rtol=1e-5, atol=1e-6)
+        bad = bf16.clone()
+        bad[1, 2] = float("nan")
+        tensor = pb.Tensor(
+            data=bad.view(torch.int16).numpy().tobytes(), shape=[3, 64], dtype=pb.DTYPE_BFLOAT16
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Encode(pb.EncodeRequest(activations=tensor, budgets=[5]), timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_nested_budgets_reconstructions_and_fvu(client, sae):
@@ -198,16 +178,6 @@ def test_stream_answers_in_order_and_survives_bad_items(client, sae):
 
 
 # ---------------------------------------------------------------------------- errors
-def _raw(**fields):
-    return pb.EncodeRequest(**fields)
-
-
-def _acts(x: np.ndarray, dtype=None):
-    dtype = dtype if dtype is not None else pb.DTYPE_FLOAT32
-    return pb.Tensor(data=x.tobytes(), shape=list(x.shape), dtype=dtype)
-
-
-GOOD = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
 NAN = GOOD.copy()
 NAN[0, 3] = np.nan
 INF = GOOD.copy()
@@ -215,55 +185,63 @@ INF[1, 0] = np.inf
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 ERROR_CASES = {
-    "budget_zero": (_raw(activations=_acts(GOOD), budgets=[0]), INVALID),
-    "budget_over_k_max": (_raw(activations=_acts(GOOD), budgets=[17]), INVALID),
-    "no_budgets": (_raw(activations=_acts(GOOD)), INVALID),
-    "no_input": (_raw(budgets=[4]), INVALID),
-    "wrong_width": (_raw(activations=_acts(GOOD[:, :32].copy()), budgets=[4]), INVALID),
+    "budget_zero": (req(activations=wire(GOOD), budgets=[0]), INVALID),
+    "budget_over_k_max": (req(activations=wire(GOOD), budgets=[17]), INVALID),
+    "no_budgets": (req(activations=wire(GOOD)), INVALID),
+    "no_input": (req(budgets=[4]), INVALID),
+    "wrong_width": (
+        req(activations=wire(GOOD[:, :32].copy()), budgets=[4]),
+        INVALID,
+    ),
     "wrong_dtype": (
-        _raw(activations=_acts(GOOD.view(np.int32), pb.DTYPE_INT32), budgets=[4]),
+        req(activations=wire(GOOD.view(np.int32), pb.DTYPE_INT32), budgets=[4]),
         INVALID,
     ),
     "byte_count": (
-        _raw(
+        req(
             activations=pb.Tensor(data=b"\0" * 12, shape=[2, 64], dtype=pb.DTYPE_FLOAT32),
             budgets=[4],
         ),
         INVALID,
     ),
-    "nan": (_raw(activations=_acts(NAN), budgets=[4]), INVALID),
-    "inf": (_raw(activations=_acts(INF), budgets=[4]), INVALID),
+    "nan": (req(activations=wire(NAN), budgets=[4]), INVALID),
+    "inf": (req(activations=wire(INF), budgets=[4]), INVALID),
     "empty_activations": (
-        _raw(activations=_acts(np.zeros((0, 64), np.float32)), budgets=[4]),
+        req(activations=wire(np.zeros((0, 64), np.float32)), budgets=[4]),
         INVALID,
     ),
-    "empty_text": (_raw(text="  ", budgets=[4]), INVALID),
-    "empty_tokens": (_raw(tokens=pb.TokenIds(ids=[]), budgets=[4]), INVALID),
-    "token_out_of_vocab": (_raw(tokens=pb.TokenIds(ids=[5, 10**6]), budgets=[4]), INVALID),
-    "only_special_tokens": (_raw(tokens=pb.TokenIds(ids=[2]), budgets=[4]), INVALID),
-    "too_many_tokens": (_raw(tokens=pb.TokenIds(ids=[5] * (MAX_TOKENS + 1)), budgets=[4]), INVALID),
+    "empty_text": (req(text="  ", budgets=[4]), INVALID),
+    "empty_tokens": (req(tokens=pb.TokenIds(ids=[]), budgets=[4]), INVALID),
+    "token_out_of_vocab": (req(tokens=pb.TokenIds(ids=[5, 10**6]), budgets=[4]), INVALID),
+    "only_special_tokens": (req(tokens=pb.TokenIds(ids=[2]), budgets=[4]), INVALID),
+    "too_many_tokens": (
+        req(tokens=pb.TokenIds(ids=[5] * (MAX_TOKENS + 1)), budgets=[4]),
+        INVALID,
+    ),
     "too_many_rows": (
-        _raw(activations=_acts(np.zeros((MAX_TOKENS + 1, 64), np.float32)), budgets=[4]),
+        req(
+            activations=wire(np.zeros((MAX_TOKENS + 1, 64), np.float32)), budgets=[4]
+        ),
         INVALID,
     ),
     "bad_output_dtype": (
-        _raw(activations=_acts(GOOD), budgets=[4], output_dtype=pb.DTYPE_INT32),
+        req(activations=wire(GOOD), budgets=[4], output_dtype=pb.DTYPE_INT32),
         INVALID,
     ),
     "oversize_request": (
-        _raw(activations=_acts(np.zeros((1200, 64), np.float32)), budgets=[4]),
+        req(activations=wire(np.zeros((1200, 64), np.float32)), budgets=[4]),
         grpc.StatusCode.RESOURCE_EXHAUSTED,
     ),
     "oversize_response": (
-        _raw(
-            activations=_acts(np.ones((MAX_TOKENS, 64), np.float32)),
+        req(
+            activations=wire(np.ones((MAX_TOKENS, 64), np.float32)),
             budgets=list(range(1, 17)),
             return_reconstructions=True,
         ),
         grpc.StatusCode.RESOURCE_EXHAUSTED,
     ),
     "internal_bug": (
-        _raw(activations=_acts(np.full((1, 64), 12345.0, np.float32)), budgets=[4]),
+        req(activations=wire(np.full((1, 64), BUG_VALUE, np.float32)), budgets=[4]),
         grpc.StatusCode.INTERNAL,
     ),
 }
@@ -296,7 +274,7 @@ def test_decode_errors(client):
 
 
 def test_no_lm_server_refuses_text_but_serves_activations(sae):
-    running = _start(sae)
+    running = start_server(sae)
     try:
         with Client(f"127.0.0.1:{running.port}") as c:
             assert not c.info().has_lm
@@ -304,109 +282,5 @@ def test_no_lm_server_refuses_text_but_serves_activations(sae):
                 c.encode(text="hello", budgets=[4])
             assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
             assert c.encode(activations=GOOD, budgets=[4]).indices.shape == (2, 4)
-    finally:
-        running.stop(grace=1)
-
-
-def test_full_queue_and_deadline(sae):
-    running = _start(sae, delay=0.3, max_queue=1, batching=False)
-    codes: list[grpc.StatusCode | None] = []
-    lock = threading.Lock()
-
-    def call(c: Client) -> None:
-        try:
-            c.encode(activations=GOOD, budgets=[4], timeout=20)
-            code = None
-        except ServerError as err:
-            code = err.code
-        with lock:
-            codes.append(code)
-
-    try:
-        with Client(f"127.0.0.1:{running.port}") as c:
-            threads = [threading.Thread(target=call, args=(c,)) for _ in range(6)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes and None in codes
-            with pytest.raises(ServerError) as info:
-                c.encode(activations=GOOD, budgets=[4], timeout=0.1)
-            assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-            time.sleep(0.4)
-            assert c.encode(activations=GOOD, budgets=[4]).k == 4
-    finally:
-        running.stop(grace=2)
-
-
-# ---------------------------------------------------------------------------- batching
-def test_concurrent_requests_are_coalesced(sae, lm):
-    running = _start(sae, lm, max_wait_ms=1000)
-    texts = [TEXT, "It was the best of times", "Numbers like 42", "A", "Language models read"]
-    results: dict[int, object] = {}
-    barrier = threading.Barrier(len(texts))
-
-    def call(i: int, c: Client) -> None:
-        barrier.wait()
-        results[i] = c.encode(text=texts[i], budgets=[8])
-
-    try:
-        with Client(f"127.0.0.1:{running.port}") as c:
-            threads = [threading.Thread(target=call, args=(i, c)) for i in range(len(texts))]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-        stats = running.batcher.stats
-        assert stats.requests == len(texts)
-        assert stats.lm_forwards <= 2 and stats.batches <= 2, stats
-        for i, text in enumerate(texts):
-            _, code = _direct(lm, sae, lm.tokenizer(text)["input_ids"], 8)
-            got = results[i]
-            np.testing.assert_allclose(got.values, code.values.numpy(), rtol=1e-4, atol=1e-5)  # type: ignore[attr-defined]
-    finally:
-        running.stop(grace=1)
-
-
-def test_onnx_backend_serves_the_same_codes(tiny_sae_path, sae):
-    pytest.importorskip("onnxruntime")
-    from hsae_runtime.serving.backend import load_backend
-
-    backend = load_backend(tiny_sae_path, backend="onnx", device="cpu")
-    running = srv.start(backend, options=srv.ServerOptions(port=0))
-    x = torch.randn(5, 64)
-    try:
-        with Client(f"127.0.0.1:{running.port}") as c:
-            assert c.info().backend == "onnx"
-            res = c.encode(activations=x, budgets=[4, 16], reconstructions=True, fvu=True)
-    finally:
-        running.stop(grace=1)
-    code = sae.encode(x, 16)
-    np.testing.assert_array_equal(res.indices, code.indices.numpy())
-    np.testing.assert_allclose(res.values, code.values.numpy(), rtol=1e-4, atol=1e-5)
-    want = sae.reconstruct(x, [4])[0]
-    np.testing.assert_allclose(res.reconstructions[4], want.numpy(), atol=1e-4)
-    np.testing.assert_allclose(
-        res.fvu[4], per_token_fvu(x, want, sae.b_dec).numpy(), rtol=1e-3, atol=1e-5
-    )
-
-
-def test_cancelled_request_is_dropped_before_the_model_runs(sae):
-    running = _start(sae, delay=0.4, batching=False)
-    request = _raw(activations=_acts(GOOD), budgets=[4])
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-            stub = pb_grpc.HSAEStub(channel)
-            first = stub.Encode.future(request, timeout=30)
-            time.sleep(0.1)  # the worker is now busy with `first`
-            second = stub.Encode.future(request, timeout=30)
-            time.sleep(0.1)
-            second.cancel()
-            assert first.result().k == 4
-            deadline = time.monotonic() + 10
-            while running.batcher.stats.dropped < 1 and time.monotonic() < deadline:
-                time.sleep(0.05)
-        assert running.batcher.stats.dropped == 1
-        assert running.batcher.stats.encodes == 1
     finally:
         running.stop(grace=1)

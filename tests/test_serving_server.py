@@ -21,28 +21,19 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from serving_helpers import DelayedBackend
 
 from hsae_runtime.serving import build_proto
 
 build_proto.ensure()  # generated stubs are build outputs: make sure they exist and are current
 
 from hsae_runtime.client import Client, ServerError  # noqa: E402
-from hsae_runtime.sae import SAE, SparseCode  # noqa: E402
+from hsae_runtime.sae import SAE  # noqa: E402
 from hsae_runtime.serving import server as srv  # noqa: E402
 from hsae_runtime.serving.backend import TorchBackend  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 X = np.random.default_rng(1).standard_normal((3, 64)).astype(np.float32)
-
-
-class DelayedBackend(TorchBackend):
-    def __init__(self, sae: SAE, delay: float) -> None:
-        super().__init__(sae)
-        self.delay = delay
-
-    def encode(self, x: torch.Tensor, k: int) -> SparseCode:
-        time.sleep(self.delay)
-        return super().encode(x, k)
 
 
 @pytest.fixture(scope="module")
