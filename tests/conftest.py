@@ -1,5 +1,8 @@
 """Shared test fixtures: a seed, a tiny random Gemma-2 LM with its tokenizer, and a tiny SAE.
 
+``lm`` and ``sae`` are those two loaded once per session; a module that needs another LM or SAE
+under the same name defines its own fixture, which takes precedence.
+
 Everything is built offline in a session-scoped temp folder (no hub access): the LM is a random
 ``Gemma2ForCausalLM`` (3 layers, hidden 64) saved with ``save_pretrained``, the tokenizer a
 byte-level BPE trained on a few sentences and wrapped as a transformers fast tokenizer with
@@ -130,6 +133,22 @@ def tiny_sae_path(tiny_lm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     path = tmp_path_factory.mktemp("tiny_sae") / "tiny.safetensors"
     sae.save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def lm(tiny_lm_dir: Path):
+    """The tiny LM loaded on CPU (shared; modules that need another define their own ``lm``)."""
+    from hsae_runtime.lm import load_lm
+
+    return load_lm(str(tiny_lm_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def sae(tiny_sae_path: Path):
+    """The tiny SAE loaded and frozen (shared; modules that need another define their own)."""
+    from hsae_runtime.sae import SAE
+
+    return SAE.load(tiny_sae_path).requires_grad_(False)
 
 
 @pytest.fixture(scope="session")

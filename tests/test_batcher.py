@@ -7,23 +7,16 @@ is tested through real RPCs in ``test_serving.py``.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from serving_helpers import DelayedBackend
 
-from hsae_runtime.sae import SAE
 from hsae_runtime.serving.backend import TorchBackend
 from hsae_runtime.serving.batcher import Batcher, BatcherConfig, Job
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def sae(tiny_sae_path: Path) -> SAE:
-    return SAE.load(tiny_sae_path).requires_grad_(False)
 
 
 def test_batcher_respects_max_batch_tokens_and_drains_on_close(sae):

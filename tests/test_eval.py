@@ -12,7 +12,6 @@ import torch
 
 from hsae_runtime.config import SAEConfig
 from hsae_runtime.errors import InputError
-from hsae_runtime.lm import load_lm
 from hsae_runtime.sae import SAE
 from hsae_runtime.training.evaluate import default_budgets, evaluate
 
@@ -27,11 +26,6 @@ def identity_sae(d: int) -> SAE:
         sae.b_enc.zero_()
         sae.b_dec.zero_()
     return sae
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_lm_dir):
-    return load_lm(str(tiny_lm_dir), device="cpu")
 
 
 def test_identity_sae_is_perfect(lm, tiny_text_file):

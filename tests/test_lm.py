@@ -22,11 +22,6 @@ from hsae_runtime.lm import (
 
 
 @pytest.fixture(scope="module")
-def lm(tiny_lm_dir):
-    return load_lm(str(tiny_lm_dir), device="cpu")
-
-
-@pytest.fixture(scope="module")
 def batch(lm):
     enc = lm.tokenizer(["the quick brown fox jumps", "sparse codes"], padding=True,
                        return_tensors="pt")

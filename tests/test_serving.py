@@ -9,8 +9,6 @@ cancellation: ``test_serving_batching.py``; TLS, tokens, health and shutdown:
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import grpc
 import numpy as np
 import pytest
@@ -31,20 +29,9 @@ from serving_helpers import (
 )
 
 from hsae_runtime.client import Client, ServerError, format_table
-from hsae_runtime.lm import load_lm
-from hsae_runtime.sae import SAE, per_token_fvu
+from hsae_runtime.sae import per_token_fvu
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_lm_dir: Path):
-    return load_lm(tiny_lm_dir, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def sae(tiny_sae_path: Path) -> SAE:
-    return SAE.load(tiny_sae_path).requires_grad_(False)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -24,21 +23,10 @@ from serving_helpers import (
 )
 
 from hsae_runtime.client import Client, ServerError
-from hsae_runtime.lm import load_lm
-from hsae_runtime.sae import SAE, per_token_fvu
+from hsae_runtime.sae import per_token_fvu
 from hsae_runtime.serving import server as srv
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_lm_dir: Path):
-    return load_lm(tiny_lm_dir, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def sae(tiny_sae_path: Path) -> SAE:
-    return SAE.load(tiny_sae_path).requires_grad_(False)
 
 
 def test_full_queue_and_deadline(sae):

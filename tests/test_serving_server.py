@@ -28,17 +28,11 @@ from hsae_runtime.serving import build_proto
 build_proto.ensure()  # generated stubs are build outputs: make sure they exist and are current
 
 from hsae_runtime.client import Client, ServerError  # noqa: E402
-from hsae_runtime.sae import SAE  # noqa: E402
 from hsae_runtime.serving import server as srv  # noqa: E402
 from hsae_runtime.serving.backend import TorchBackend  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 X = np.random.default_rng(1).standard_normal((3, 64)).astype(np.float32)
-
-
-@pytest.fixture(scope="module")
-def sae(tiny_sae_path: Path) -> SAE:
-    return SAE.load(tiny_sae_path).requires_grad_(False)
 
 
 @pytest.fixture(scope="module")
