@@ -205,7 +205,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     args = parser.parse_args()
-    reps, per_client, load_per_client = (5, 5, 20) if args.quick else (15, 25, 200)
+    reps, per_client, load_per_client = (5, 5, 20) if args.quick else (15, 40, 200)
     rounds, lm_rounds = (1, 1) if args.quick else (5, 3)
 
     torch.manual_seed(0)
