@@ -246,7 +246,7 @@ class Batcher:
             # while the previous batch ran has not been held back by batching.
             wait_until = max(first.enqueued, free_at) + self.config.max_wait_ms / 1e3
             while self.config.batching and _padded_cost(batch) < self.config.max_batch_tokens:
-                # Once as many jobs as last time have joined, take only what is already queued.
+                # Once the expected jobs have joined, take only what is already queued.
                 full = len(batch) >= self._target_jobs and self._arriving == 0
                 try:
                     item = self._next(0.0 if full else wait_until - time.monotonic())

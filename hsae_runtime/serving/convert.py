@@ -103,8 +103,7 @@ def array_from_pb(msg: Any, what: str, allowed: Sequence[int]) -> HostArray:
 
 def tensor_from_pb(msg: Any, what: str, allowed: Sequence[int]) -> Tensor:
     """:func:`array_from_pb` as a CPU tensor (sharing the numpy array's memory)."""
-    a = array_from_pb(msg, what, allowed)
-    return torch.from_numpy(a) if isinstance(a, np.ndarray) else a
+    return as_tensor(array_from_pb(msg, what, allowed))
 
 
 def as_tensor(a: HostArray) -> Tensor:
