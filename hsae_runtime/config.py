@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -18,6 +20,9 @@ import torch
 from hsae_runtime.errors import ConfigError
 
 DType = Literal["float32", "float16", "bfloat16"]
+
+MAX_WIDTH = 2**31 - 1
+"""Largest ``d_in`` / ``d_sae`` / ``k_max``: the wire carries widths and latent ids as int32."""
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -62,43 +67,71 @@ class SAEConfig:
     """Free-form, JSON-serialisable record of how the SAE was trained."""
 
     def __post_init__(self) -> None:
+        # Every field is checked here, for values from Python and from a model file's JSON
+        # alike (JSON can carry strings, lists, Infinity or NaN where a number belongs).
         for name in ("d_in", "d_sae", "k_max"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"SAEConfig.{name} must be a positive int, got {value!r}")
+            if not _is_int(value) or not 0 < value <= MAX_WIDTH:
+                raise ConfigError(
+                    f"SAEConfig.{name} must be a positive int <= {MAX_WIDTH}, got {value!r}",
+                    hint="widths and latent ids travel as int32",
+                )
+            setattr(self, name, int(value))
         if self.k_max > self.d_sae:
             raise ConfigError(
                 f"SAEConfig.k_max ({self.k_max}) must be <= d_sae ({self.d_sae})",
                 hint="a budget cannot select more latents than the dictionary has",
             )
-        if self.budgets is None:
-            self.budgets = tuple(range(1, self.k_max + 1))
-        else:
-            try:
-                budgets = sorted({int(b) for b in self.budgets})
-            except (TypeError, ValueError) as err:
-                raise ConfigError(f"SAEConfig.budgets must be ints, got {self.budgets!r}") from err
-            if not budgets:
-                raise ConfigError("SAEConfig.budgets must not be empty")
-            bad = [b for b in budgets if not 1 <= b <= self.k_max]
-            if bad:
-                raise ConfigError(
-                    f"SAEConfig.budgets must lie in 1..k_max={self.k_max}, got {bad}"
-                )
-            self.budgets = tuple(budgets)
-        if self.dtype not in get_args(DType):
+        self.budgets = self._checked_budgets()
+        if not isinstance(self.apply_b_dec_to_input, bool):
+            raise ConfigError(
+                "SAEConfig.apply_b_dec_to_input must be true or false, "
+                f"got {self.apply_b_dec_to_input!r}"
+            )
+        if not isinstance(self.dtype, str) or self.dtype not in get_args(DType):
             raise ConfigError(
                 f"SAEConfig.dtype must be one of {list(get_args(DType))}, got {self.dtype!r}"
             )
+        for name in ("model_name", "hookpoint"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"SAEConfig.{name} must be a string or null, got {value!r}")
         if self.normalization_scale is not None:
-            scale = float(self.normalization_scale)
-            if not math.isfinite(scale) or scale <= 0:
+            scale = self.normalization_scale
+            if (
+                isinstance(scale, bool)
+                or not isinstance(scale, numbers.Real)
+                or not math.isfinite(scale)
+                or scale <= 0
+            ):
                 raise ConfigError(
-                    f"SAEConfig.normalization_scale must be a positive finite float, got {scale}"
+                    "SAEConfig.normalization_scale must be a positive finite number or null, "
+                    f"got {scale!r}"
                 )
-            self.normalization_scale = scale
+            self.normalization_scale = float(scale)
         if not isinstance(self.training, dict):
-            raise ConfigError(f"SAEConfig.training must be a dict, got {type(self.training)}")
+            raise ConfigError(
+                f"SAEConfig.training must be a dict, got {type(self.training).__name__}"
+            )
+
+    def _checked_budgets(self) -> tuple[int, ...]:
+        """``budgets`` as a sorted tuple of distinct ints in 1..k_max (all of them for None)."""
+        if self.budgets is None:
+            return tuple(range(1, self.k_max + 1))
+        if not isinstance(self.budgets, list | tuple):
+            raise ConfigError(
+                f"SAEConfig.budgets must be a list of ints or null, got {self.budgets!r}"
+            )
+        bad_type = [b for b in self.budgets if not _is_int(b)]
+        if bad_type:
+            raise ConfigError(f"SAEConfig.budgets must be ints, got {bad_type[:5]!r}")
+        budgets = sorted({int(b) for b in self.budgets})
+        if not budgets:
+            raise ConfigError("SAEConfig.budgets must not be empty", hint="or null for 1..k_max")
+        bad = [b for b in budgets if not 1 <= b <= self.k_max]
+        if bad:
+            raise ConfigError(f"SAEConfig.budgets must lie in 1..k_max={self.k_max}, got {bad[:5]}")
+        return tuple(budgets)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -130,8 +163,17 @@ class SAEConfig:
         if missing:
             raise ConfigError(f"SAE config is missing required keys: {missing}")
         kwargs = dict(data)
-        if kwargs.get("budgets") is not None:
-            kwargs["budgets"] = tuple(kwargs["budgets"])
         if kwargs.get("training") is None:
             kwargs["training"] = {}
         return cls(**kwargs)
+
+
+def _is_int(value: object) -> bool:
+    """An integer (Python or numpy), not a bool, float or string."""
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return False
+    return True

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,6 +34,9 @@ if TYPE_CHECKING:
 FORMAT_NAME = "hsae-runtime"
 FORMAT_VERSION = 1
 TENSOR_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
+# safetensors dtype codes -> the names SAEConfig.dtype uses (others are shown as found)
+_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+_REWRITE_HINT = "the file was edited or written by other software; export the SAE again"
 _IMPORT_HINT = (
     "convert SAELens/sparsify folders with `hsae-runtime import FOLDER --out MODEL.safetensors`"
 )
@@ -79,12 +83,9 @@ def read_tensors(
         raise ModelFileError(f"{path} not found" if not path.exists() else f"{path} is not a file")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            names = set(f.keys())
-            if names != set(expected):
-                raise ModelFileError(
-                    f"{path}: expected tensors {sorted(expected)}, found {sorted(names)}",
-                    hint=hint,
-                )
+            problem = _names_problem(f.keys(), expected)
+            if problem:
+                raise ModelFileError(f"{path}: {problem}", hint=hint)
             metadata = f.metadata() or {}
             tensors = {name: f.get_tensor(name) for name in expected}
     except ModelFileError:
@@ -135,11 +136,13 @@ def _read_header(path: Path) -> tuple[SAEConfig, dict[str, str]]:
             f"(format={metadata.get('format')!r})",
             hint=_IMPORT_HINT,
         )
-    try:
-        version = int(metadata.get("format_version", ""))
-    except ValueError as err:
-        bad = metadata.get("format_version")
-        raise ModelFileError(f"{path}: bad format_version {bad!r}") from err
+    raw_version = metadata.get("format_version", "")
+    if not raw_version.isdecimal() or int(raw_version) < 1:
+        raise ModelFileError(
+            f"{path}: bad format_version {raw_version!r}: expected a positive integer",
+            hint=_REWRITE_HINT,
+        )
+    version = int(raw_version)
     if version > FORMAT_VERSION:
         raise ModelFileError(
             f"{path} has format version {version}, newer than this runtime's {FORMAT_VERSION}",
@@ -147,11 +150,68 @@ def _read_header(path: Path) -> tuple[SAEConfig, dict[str, str]]:
         )
     try:
         config = SAEConfig.from_dict(json.loads(metadata.get("config", "")))
-    except json.JSONDecodeError as err:
-        raise ModelFileError(f"{path}: the config metadata is not valid JSON ({err})") from err
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise ModelFileError(
+            f"{path}: the config metadata is not valid JSON ({err})", hint=_REWRITE_HINT
+        ) from err
     except ConfigError as err:
-        raise ModelFileError(f"{path}: invalid config: {err}") from err
+        raise ModelFileError(
+            f"{path}: invalid config: {err.message}", hint=err.hint or _REWRITE_HINT
+        ) from err
     return config, metadata
+
+
+def tensor_layout(path: str | Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Name -> (shape, dtype name) of each tensor in a safetensors file, from its header only."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            layout = {}
+            for name in f.keys():
+                piece = f.get_slice(name)
+                dtype = str(piece.get_dtype())
+                layout[str(name)] = (
+                    tuple(piece.get_shape()),
+                    _SAFETENSORS_DTYPES.get(dtype, dtype),
+                )
+            return layout
+    except Exception as err:  # safetensors raises its own error types for bad headers
+        raise ModelFileError(
+            f"{path} is not a readable safetensors file ({type(err).__name__}: {err})",
+            hint="the file may be truncated or not a model file",
+        ) from err
+
+
+def tensor_problems(config: SAEConfig, layout: dict[str, tuple[tuple[int, ...], str]]) -> list[str]:
+    """What in ``layout`` (see :func:`tensor_layout`) disagrees with ``config``; empty if all
+    four tensors are there with the config's shapes and dtype."""
+    problem = _names_problem(layout, TENSOR_NAMES)
+    if problem:
+        return [problem]
+    problems = []
+    for name, shape in expected_shapes(config).items():
+        found_shape, found_dtype = layout[name]
+        if found_shape != shape:
+            problems.append(f"tensor {name} has shape {found_shape}, the config says {shape}")
+        if found_dtype != config.dtype:
+            problems.append(
+                f"tensor {name} has dtype {found_dtype}, the config says {config.dtype}"
+            )
+    return problems
+
+
+def check_tensors(path: str | Path, config: SAEConfig) -> None:
+    """Raise :class:`ModelFileError` unless the file's tensors match ``config`` (header only)."""
+    problems = tensor_problems(config, tensor_layout(path))
+    if problems:
+        raise ModelFileError(f"{path}: {'; '.join(problems)}", hint=_REWRITE_HINT)
+
+
+def _names_problem(found: Iterable[str], expected: tuple[str, ...]) -> str | None:
+    names = sorted(found)
+    if names != sorted(expected):
+        return f"expected tensors {sorted(expected)}, found {names}"
+    return None
 
 
 def load_sae(path: str | Path, *, device: torch.device | str = "cpu") -> SAE:
@@ -159,18 +219,9 @@ def load_sae(path: str | Path, *, device: torch.device | str = "cpu") -> SAE:
 
     path = Path(path)
     config, _ = _read_header(path)
-    shapes = expected_shapes(config)
+    check_tensors(path, config)
     tensors, _ = read_tensors(path, TENSOR_NAMES)
     for name, tensor in tensors.items():
-        if tuple(tensor.shape) != shapes[name]:
-            raise ModelFileError(
-                f"{path}: tensor {name} has shape {tuple(tensor.shape)}, the config says "
-                f"{shapes[name]}"
-            )
-        if tensor.dtype != config.torch_dtype:
-            raise ModelFileError(
-                f"{path}: tensor {name} has dtype {tensor.dtype}, the config says {config.dtype}"
-            )
         if not bool(torch.isfinite(tensor).all()):
             raise ModelFileError(f"{path}: tensor {name} contains NaN or Inf")
     sae = SAE(config, device="meta")

@@ -32,6 +32,18 @@ def test_budgets_are_sorted_and_deduplicated() -> None:
         ({"dtype": "float64"}, "dtype"),
         ({"normalization_scale": -1.0}, "normalization_scale"),
         ({"normalization_scale": float("nan")}, "normalization_scale"),
+        # values a model file's JSON can carry where another type belongs
+        ({"budgets": 5}, "budgets"),
+        ({"budgets": [1, float("inf")]}, "budgets"),
+        ({"budgets": [1.5]}, "budgets"),
+        ({"budgets": [True]}, "budgets"),
+        ({"normalization_scale": "abc"}, "normalization_scale"),
+        ({"normalization_scale": [1]}, "normalization_scale"),
+        ({"apply_b_dec_to_input": "no"}, "apply_b_dec_to_input"),
+        ({"dtype": ["float32"]}, "dtype"),
+        ({"model_name": 7}, "model_name"),
+        ({"hookpoint": [1]}, "hookpoint"),
+        ({"d_sae": 2**40}, "d_sae"),
     ],
 )
 def test_bad_values_name_the_field(kwargs: dict, field: str) -> None:

@@ -87,6 +87,8 @@ def test_foreign_and_inconsistent_files(tmp_path: Path) -> None:
 
     cases = {
         "newer": (tensors, cfg, {"format_version": "99"}, "newer"),
+        "negative_version": (tensors, cfg, {"format_version": "-3"}, "format_version"),
+        "budgets_not_a_list": (tensors, {**cfg, "budgets": 5}, {}, "budgets"),
         "noconfig": (tensors, None, {}, "JSON"),
         "badconfig": (tensors, {**cfg, "k_max": 999}, {}, "k_max"),
         "missing": (
