@@ -7,7 +7,9 @@ fields. The request path stays in numpy on purpose: see the GIL note above ``Hos
 
 Every check a client can fail lives here and raises :class:`~hsae_runtime.errors.InputError`
 (-> INVALID_ARGUMENT), so all backends see only valid input: budgets in 1..k_max, activations
-``[..., d_in]`` of a float dtype, finite, non-empty, at most ``max_request_tokens`` rows.
+``[..., d_in]`` of a float dtype, finite, non-empty, at most ``max_request_tokens`` rows. The
+``*_to_pb`` builders refuse results that are not finite in the requested dtype the same way
+(:func:`result_to_pb`), so no ``inf`` or ``NaN`` goes on the wire.
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ _WIRE = {v: k for k, v in _TORCH.items()}
 # torch's cost ~60 us, which matters at thousands of single-row requests per second.
 _NUMPY = {pb.DTYPE_FLOAT32: np.float32, pb.DTYPE_FLOAT16: np.float16, pb.DTYPE_INT32: np.int32}
 FLOAT_INPUTS = (pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16)
+MAX_RANK = 8
+"""Most dimensions a wire tensor may have."""
+MAX_ELEMENTS = 2**31
+"""Most elements a wire tensor may describe (gRPC messages are < 2 GiB in any case)."""
 CODE_VALUE_DTYPES = (pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT16)
 
 
@@ -74,6 +80,26 @@ def tensor_to_pb(t: HostArray, dtype: int | None = None) -> Any:
     return pb.Tensor(data=data, shape=list(t.shape), dtype=_WIRE[t.dtype])
 
 
+def result_to_pb(t: HostArray, dtype: int, what: str, hint: str) -> Any:
+    """A computed result -> ``hsae.v1.Tensor`` of float ``dtype``, refusing non-finite values.
+
+    Finite inputs can still give non-finite results (activations near float32's limit overflow
+    the encoder's matmul; values past 65504 are inf in float16), and the contract promises
+    finite outputs, so such a result raises :class:`InputError` naming ``what``. The check runs
+    on the wire bytes with numpy, after the conversion to ``dtype``.
+    """
+    with np.errstate(over="ignore"):  # an overflowing cast is reported below, not warned
+        msg = tensor_to_pb(t, dtype)
+    if bool(np.isfinite(np.frombuffer(msg.data, _NUMPY[msg.dtype])).all()):
+        return msg
+    if msg.dtype == pb.DTYPE_FLOAT16 and all_finite(t):
+        raise InputError(
+            f"{what} are too large for float16 (|x| > 65504)",
+            hint="ask for output_dtype DTYPE_FLOAT32",
+        )
+    raise InputError(f"{what} are not finite: the computation overflowed float32", hint=hint)
+
+
 def array_from_pb(msg: Any, what: str, allowed: Sequence[int]) -> HostArray:
     """``hsae.v1.Tensor`` -> a writable host array, checking dtype, shape and byte length.
 
@@ -82,11 +108,24 @@ def array_from_pb(msg: Any, what: str, allowed: Sequence[int]) -> HostArray:
     if msg.dtype not in allowed:
         names = ", ".join(dtype_name(d) for d in allowed)
         raise InputError(f"{what}: dtype {dtype_name(msg.dtype)} is not accepted; use {names}")
+    if len(msg.shape) > MAX_RANK:
+        raise InputError(
+            f"{what}: the shape has {len(msg.shape)} dimensions, more than {MAX_RANK}",
+            hint="flatten the leading dimensions",
+        )
     shape = [int(s) for s in msg.shape]
     if not shape:
         raise InputError(f"{what}: shape is missing")
     if any(s < 0 for s in shape):
         raise InputError(f"{what}: shape {shape} has a negative dimension")
+    # A zero-size tensor passes the byte-length check whatever its other dimensions are, so
+    # bound them too: numpy cannot even describe [2**62, 0, 64].
+    if math.prod(s for s in shape if s) > MAX_ELEMENTS:
+        raise InputError(
+            f"{what}: shape {shape} is too large (its non-zero dimensions multiply to more than "
+            f"{MAX_ELEMENTS} elements)",
+            hint="send the tensor's real shape",
+        )
     itemsize = _ITEMSIZE[msg.dtype]
     numel = math.prod(shape)
     if len(msg.data) != numel * itemsize:
@@ -141,17 +180,32 @@ class EncodeInput:
         return max(self.budgets)
 
 
-def check_budgets(budgets: Sequence[int], k_max: int, what: str = "budgets") -> list[int]:
-    out = [int(b) for b in budgets]
-    if not out:
-        raise InputError(f"{what} must not be empty", hint=f"ask for at least one of 1..{k_max}")
-    bad = [b for b in out if not 1 <= b <= k_max]
-    if bad:
+def check_budgets(
+    budgets: Sequence[int], k_max: int, what: str = "budgets", *, code_width: int | None = None
+) -> list[int]:
+    """A request's budgets, in request order: at least one, at most ``k_max`` of them, each in
+    1..k_max, or in 1..``code_width`` for Decode (a budget takes a prefix of the code sent)."""
+    if len(budgets) > k_max:
         raise InputError(
-            f"{what} {bad} out of range 1..k_max={k_max}",
+            f"{len(budgets)} {what}, more than the SAE's k_max={k_max}",
+            hint=f"each budget is one of 1..{k_max}: drop duplicates",
+        )
+    out = [int(b) for b in budgets]
+    limit = k_max if code_width is None else code_width
+    if not out:
+        raise InputError(f"{what} must not be empty", hint=f"ask for at least one of 1..{limit}")
+    bad = [b for b in out if not 1 <= b <= limit]
+    if not bad:
+        return out
+    if code_width is None:
+        raise InputError(
+            f"{what} {bad[:5]} out of range 1..k_max={k_max}",
             hint=f"this SAE keeps at most {k_max} latents per token",
         )
-    return out
+    raise InputError(
+        f"{what} {bad[:5]} out of range 1..k={code_width}, the code's width",
+        hint="a budget takes a prefix of the code: at most its k entries per row",
+    )
 
 
 def check_activations(x: HostArray, config: SAEConfig, max_rows: int) -> HostArray:
@@ -233,6 +287,11 @@ class EncodeOutput:
     positions: list[int] = field(default_factory=list)
 
 
+_LARGE_INPUT_HINT = (
+    "the activations are too large for this SAE (check they come from its hookpoint, unscaled)"
+)
+
+
 def encode_response_to_pb(parsed: EncodeInput, out: EncodeOutput) -> Any:
     """Build the response; activation inputs get their leading dims back."""
     lead = list(parsed.activations.shape[:-1]) if parsed.activations is not None else None
@@ -247,7 +306,9 @@ def encode_response_to_pb(parsed: EncodeInput, out: EncodeOutput) -> Any:
         positions=out.positions,
         k=k,
         indices=tensor_to_pb(shaped(out.indices, [k]), pb.DTYPE_INT32),
-        values=tensor_to_pb(shaped(out.values, [k]), parsed.output_dtype),
+        values=result_to_pb(
+            shaped(out.values, [k]), parsed.output_dtype, "code values", _LARGE_INPUT_HINT
+        ),
         request_id=parsed.request_id,
     )
     if parsed.reconstructions or parsed.fvu:
@@ -257,10 +318,18 @@ def encode_response_to_pb(parsed: EncodeInput, out: EncodeOutput) -> Any:
             if parsed.reconstructions:
                 assert out.reconstructions is not None
                 recon = shaped(out.reconstructions[i], [d_in])
-                item.reconstruction.CopyFrom(tensor_to_pb(recon, parsed.output_dtype))
+                what = f"reconstructions at budget {b}"
+                recon_pb = result_to_pb(recon, parsed.output_dtype, what, _LARGE_INPUT_HINT)
+                item.reconstruction.CopyFrom(recon_pb)
             if parsed.fvu:
                 assert out.fvu is not None
-                item.fvu.CopyFrom(tensor_to_pb(shaped(out.fvu[i], []), pb.DTYPE_FLOAT32))
+                fvu = result_to_pb(
+                    shaped(out.fvu[i], []),
+                    pb.DTYPE_FLOAT32,
+                    f"FVU values at budget {b}",
+                    f"{_LARGE_INPUT_HINT}: |x|^2 overflows float32",
+                )
+                item.fvu.CopyFrom(fvu)
     return resp
 
 
@@ -297,6 +366,11 @@ def decode_request_from_pb(req: Any, config: SAEConfig, max_rows: int) -> Decode
     k = indices.shape[-1]
     if k == 0 or indices.numel() == 0:
         raise InputError("the code is empty: need at least one row and one latent")
+    if k > config.k_max:
+        raise InputError(
+            f"the code has k={k} entries per row, more than the SAE's k_max={config.k_max}",
+            hint="send codes as Encode returns them (at most k_max entries per row)",
+        )
     rows = indices.numel() // k
     if rows > max_rows:
         raise InputError(f"too many code rows: {rows} > max_request_tokens={max_rows}")
@@ -304,7 +378,9 @@ def decode_request_from_pb(req: Any, config: SAEConfig, max_rows: int) -> Decode
         raise InputError(f"indices must lie in 0..d_sae-1={config.d_sae - 1} (or -1 to skip)")
     if not all_finite(values):
         raise InputError("code values contain NaN or Inf")
-    budgets = check_budgets(req.budgets, k, "decode budgets") if req.budgets else [k]
+    budgets = [k]
+    if req.budgets:
+        budgets = check_budgets(req.budgets, config.k_max, "decode budgets", code_width=k)
     out_dtype = req.output_dtype or pb.DTYPE_FLOAT32
     if out_dtype not in CODE_VALUE_DTYPES:
         raise InputError(f"output_dtype {dtype_name(out_dtype)} is not accepted")
@@ -322,7 +398,13 @@ def decode_response_to_pb(parsed: DecodeInput, recons: Tensor) -> Any:
     resp = pb.DecodeResponse()
     for i, b in enumerate(parsed.budgets):
         recon = recons[i].reshape(*parsed.lead, recons.shape[-1])
-        resp.reconstructions.add(budget=b, reconstruction=tensor_to_pb(recon, parsed.output_dtype))
+        wire = result_to_pb(
+            recon,
+            parsed.output_dtype,
+            f"reconstructions at budget {b}",
+            "the code values are too large for this SAE (check they are an SAE code)",
+        )
+        resp.reconstructions.add(budget=b, reconstruction=wire)
     return resp
 
 

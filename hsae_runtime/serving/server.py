@@ -21,6 +21,7 @@ from __future__ import annotations
 import hmac
 import logging
 import signal
+import ssl
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -163,6 +164,7 @@ def start(
     from hsae_runtime import __version__
 
     options = options or ServerOptions()
+    creds = _tls_credentials(options.tls_cert, options.tls_key)  # a bad PEM fails before any work
     pad_id = 0
     if lm is not None:
         pad = getattr(lm.tokenizer, "pad_token_id", None)
@@ -197,10 +199,7 @@ def start(
     host = f"[{options.host}]" if ":" in options.host else options.host
     address = f"{host}:{options.port}"
     try:
-        if options.tls_cert is not None and options.tls_key is not None:
-            creds = grpc.ssl_server_credentials(
-                [(Path(options.tls_key).read_bytes(), Path(options.tls_cert).read_bytes())]
-            )
+        if creds is not None:
             port = server.add_secure_port(address, creds)
         else:
             port = server.add_insecure_port(address)
@@ -302,6 +301,50 @@ def serve_forever(running: RunningServer, grace: float = 10.0) -> None:
         for s, handler in previous.items():
             signal.signal(s, handler)
     running.stop(grace)
+
+
+def _tls_credentials(cert: Path | None, key: Path | None) -> grpc.ServerCredentials | None:
+    """Server credentials from a PEM certificate chain and key (``None`` without TLS).
+
+    Each file is read and parsed here, so a missing, unreadable or non-PEM file is a
+    :class:`ConfigError` naming that file (not a bind failure later).
+    """
+    if cert is None or key is None:
+        return None
+    cert_pem = _read_pem(cert, "certificate")
+    key_pem = _read_pem(key, "private key")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_verify_locations(cadata=cert_pem.decode("ascii", errors="replace"))
+    except (ssl.SSLError, ValueError) as err:
+        raise ConfigError(
+            f"TLS certificate {cert} is not a readable PEM certificate ({err})",
+            hint="pass a PEM certificate chain (-----BEGIN CERTIFICATE-----) to --tls-cert",
+        ) from err
+    try:  # the password callback keeps OpenSSL from prompting for an encrypted key
+        context.load_cert_chain(cert, key, password=lambda: "")
+    except (ssl.SSLError, ValueError) as err:
+        raise ConfigError(
+            f"TLS key {key} is not a readable PEM private key for {cert} ({err})",
+            hint="pass the certificate's unencrypted PEM private key to --tls-key",
+        ) from err
+    return grpc.ssl_server_credentials([(key_pem, cert_pem)])
+
+
+def _read_pem(path: Path, what: str) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise ConfigError(
+            f"cannot read the TLS {what} {path}: {err.strerror or err}",
+            hint=f"pass a readable PEM {what} file",
+        ) from err
+    if b"-----BEGIN " not in data:
+        raise ConfigError(
+            f"TLS {what} {path} is not a readable PEM file (no -----BEGIN line)",
+            hint=f"pass a PEM {what} file",
+        )
+    return data
 
 
 def _budget_text(budgets: tuple[int, ...], k_max: int) -> str:
