@@ -101,6 +101,26 @@ def hierarchical_topk_loss_reference(
     return per_prefix[sel].mean()
 
 
+def prefix_errors(
+    x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor, *,
+    grad: bool = False,
+) -> Tensor:
+    """Per-prefix MSE ``[K]``: ``mean_{n,d} (x − x̂_j)²`` for j = 1..K (a running residual).
+
+    Memory stays at a few ``[N, d_in]`` buffers; without ``grad`` it runs under ``no_grad``
+    (the trainer measures prefix errors on a small sub-batch to balance the prefix weights).
+    """
+    _check(x, values, indices, W_dec, b_dec)
+    values, indices = _unmask(values, indices)
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        r = x - b_dec  # (N, d_in)
+        out = []
+        for j in range(values.shape[1]):
+            r = r - values[:, j, None] * W_dec[indices[:, j]]
+            out.append(r.pow(2).mean())
+        return torch.stack(out)  # (K,)
+
+
 # ---------------------------------------------------------------------------- memory-flat
 def _flat_forward(x, values, indices, W, b, coef):
     """Pure torch: running residual, one ``[N, d_in]`` gather per prefix."""
@@ -185,6 +205,7 @@ def _auto_impl(x: Tensor) -> str:
 def hierarchical_topk_loss(
     x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor,
     budgets: Sequence[int] | None = None, *, impl: Impl = "auto",
+    weights: Tensor | None = None,
 ) -> Tensor:
     """Mean over prefix budgets of the per-element MSE of the prefix reconstructions.
 
@@ -193,13 +214,25 @@ def hierarchical_topk_loss(
     (default all of 1..K, equal weights). Returns a scalar in ``x``'s dtype. Gradients flow to
     ``x``, ``values``, ``W_dec`` and ``b_dec``. ``impl`` forces one implementation (tests,
     benchmarks); ``"auto"`` picks the fused kernel for the device, else ``"flat"``.
+    ``weights [K]`` (non-negative, summing to 1) replaces the equal weights over ``budgets``:
+    ``L = Σ_j weights_j · mean_{n,d} r_{n,j,d}²`` (the trainer's prefix balancing).
     """
     _check(x, values, indices, W_dec, b_dec)
     n, k = values.shape
-    coef = prefix_weights(k, budgets, n=n, d=x.shape[1])
+    if weights is not None:
+        if weights.shape != (k,) or not bool(torch.isfinite(weights).all()) or bool(
+            (weights < 0).any()
+        ):
+            raise InputError(f"weights must be [K={k}] finite and >= 0, got {tuple(weights.shape)}")
+        coef = weights.detach().double().cpu() / (n * x.shape[1])
+    else:
+        coef = prefix_weights(k, budgets, n=n, d=x.shape[1])
     if impl == "auto":
         impl = _auto_impl(x)  # type: ignore[assignment]
     if impl == "reference":
+        if weights is not None:
+            per = prefix_errors(x, values, indices, W_dec, b_dec, grad=True)  # (K,)
+            return (per * weights.to(per)).sum()
         return hierarchical_topk_loss_reference(x, values, indices, W_dec, b_dec, budgets)
     if impl not in ("flat", "cpu", "triton"):
         raise ValueError(f"impl must be one of auto, reference, flat, cpu, triton; got {impl!r}")

@@ -38,6 +38,18 @@ _CORPUS = [
 ]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _cache_dir(tmp_path_factory: pytest.TempPathFactory):
+    """Runtime caches (validation splits) go to a session temp folder, never the home folder."""
+    old = os.environ.get("HSAE_CACHE_DIR")
+    os.environ["HSAE_CACHE_DIR"] = str(tmp_path_factory.mktemp("hsae_cache"))
+    yield
+    if old is None:
+        os.environ.pop("HSAE_CACHE_DIR", None)
+    else:
+        os.environ["HSAE_CACHE_DIR"] = old
+
+
 @pytest.fixture(autouse=True)
 def seed() -> int:
     """Seed torch, random and numpy before every test; returns the seed."""

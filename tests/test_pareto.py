@@ -55,7 +55,9 @@ def test_quick_mode_end_to_end(tiny_lm_dir: Path, tiny_text_file: Path, tmp_path
         assert all(0 <= results["fvu"][name][str(k)]["fvu_token"] < 10 for k in (1, 16))
     hier = [results["fvu"]["htopk16"][str(k)]["fvu"] for k in (1, 2, 4, 8, 16)]
     assert hier[-1] < hier[0], "the hierarchical SAE must improve with the budget"
-    assert results["split"] == {"documents": 20, "train_docs": 16, "eval_docs": 4}  # --max-docs 20
+    assert results["split"] == {"documents": 20, "split_seed": 0, "train_docs": 14,
+                                "val_docs": 2, "eval_docs": 4}  # --max-docs 20
+    assert sorted(results["fvu_val"]) == sorted(names) and results["chosen_on"].startswith("val")
     assert results["ce"]["contexts_done"] == results["ce"]["contexts"] >= 1
     assert len(results["ce"]["delta"]) == len(names) * 5
     assert set(results["step_time_s"]) == set(names)
@@ -77,9 +79,14 @@ def test_wikitext_headings_split_documents(tmp_path: Path) -> None:
                    for i in range(10))
     data = tmp_path / "wiki.txt"
     data.write_text(text)
-    settings = Settings(out=str(tmp_path), data=str(data), eval_every=5)
-    train, held, split = split_documents(settings, tmp_path)
-    assert split == {"documents": 10, "train_docs": 8, "eval_docs": 2}
-    eval_docs = held.read_text().split("\n\n")
-    assert eval_docs[0].startswith("= Article 4 =") and "More 4 ." in eval_docs[0]
-    assert "Article 4" not in train.read_text()
+    settings = Settings(out=str(tmp_path), data=str(data), val_fraction=0.1, eval_fraction=0.2)
+    parts, split = split_documents(settings, tmp_path)
+    assert split == {"documents": 10, "split_seed": 0, "train_docs": 7, "val_docs": 1,
+                     "eval_docs": 2}
+    texts = {name: parts[name].read_text() for name in ("train", "val", "eval")}
+    for name, text in texts.items():
+        for doc in text.strip().split("\n\n"):  # whole articles: heading, body and sections
+            i = doc.split("Article ")[1].split(" ")[0]
+            assert doc.startswith(f"= Article {i} =") and f"More {i} ." in doc
+            others = [t for n, t in texts.items() if n != name]
+            assert all(f"Article {i} =" not in t for t in others), (name, i)

@@ -68,11 +68,21 @@ def test_contexts_start_with_bos(tiny_lm_dir, tiny_text_file):
     assert (torch.stack(ctxs)[:, 1:] == tok.eos_token_id).any()  # documents joined with EOS
 
 
-def test_split_documents_holds_out_whole_docs():
+def test_split_documents_three_disjoint_parts():
     docs = [f"doc {i}" for i in range(20)]
-    train_docs, eval_docs = split_documents(docs, 0.25, seed=1)
-    assert len(eval_docs) == 5 and not set(train_docs) & set(eval_docs)
-    assert sorted(train_docs + eval_docs) == sorted(docs)
+    split = split_documents(docs, val_fraction=0.1, eval_fraction=0.25, seed=1)
+    assert (len(split.train), len(split.val), len(split.eval)) == (13, 2, 5)
+    parts = [set(split.train), set(split.val), set(split.eval)]
+    assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    assert sorted(split.train + split.val + split.eval) == sorted(docs)
+    # fixed by the seed; another seed gives another split
+    assert split == split_documents(docs, val_fraction=0.1, eval_fraction=0.25, seed=1)
+    assert split != split_documents(docs, val_fraction=0.1, eval_fraction=0.25, seed=2)
+
+
+def test_split_documents_refuses_too_few_documents():
+    with pytest.raises(DataError, match="too few"):
+        split_documents(["a", "b"], val_fraction=0.3, eval_fraction=0.3)
 
 
 # ---------------------------------------------------------------------------- pieces
@@ -214,3 +224,45 @@ def test_cli_train_errors_are_one_line(tiny_lm_dir, tiny_text_file, tmp_path):
     )
     assert proc.returncode == 2
     assert "k_max (32) must be <= d_sae (16)" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------- validation
+def test_validation_split_is_disjoint_and_cached(tiny_text_file):
+    from hsae_runtime.training.validation import split_data
+
+    train_path, val_path = split_data(str(tiny_text_file), 0.2, seed=3)
+    assert val_path is not None
+    train_docs = set(Path(train_path).read_text().strip().split("\n\n"))
+    val_docs = set(Path(val_path).read_text().strip().split("\n\n"))
+    every = set(tiny_text_file.read_text().strip().split("\n\n"))
+    assert len(val_docs) == 12 and not train_docs & val_docs and train_docs | val_docs == every
+    assert split_data(str(tiny_text_file), 0.2, seed=3) == (train_path, val_path)
+    assert split_data(str(tiny_text_file), 0.0, seed=3) == (str(tiny_text_file), None)
+
+
+def test_validator_keeps_best_weights_and_stops(monkeypatch):
+    from hsae_runtime.training import validation
+
+    sae = SAE(SAEConfig(d_in=4, d_sae=8, k_max=2))
+    scripted = iter([3.0, 2.0, 2.5, 2.6])
+    monkeypatch.setattr(validation, "objective_loss", lambda *a, **k: next(scripted))
+    v = validation.Validator(torch.zeros(3, 4), "hierarchical", 2, [1, 2], every=1, patience=2)
+    for step in range(1, 5):
+        with torch.no_grad():
+            sae.b_dec.fill_(float(step))
+        v.check(sae, step, train_loss=1.0)
+        assert v.should_stop == (step == 4)
+    v.restore_best(sae)
+    assert v.best_step == 2 and float(sae.b_dec[0]) == 2.0
+    assert [h["val_loss"] for h in v.history] == [3.0, 2.0, 2.5, 2.6]
+
+
+def test_training_validates_and_writes_best_checkpoint(tiny_lm_dir, tiny_text_file, tmp_path):
+    cfg = _cfg(tiny_lm_dir, tiny_text_file, tmp_path, tokens=4000, val_fraction=0.2,
+               val_every=5, val_tokens=512)
+    result = train(cfg)
+    assert [h["step"] for h in result.validation] == [5, 10, 15, 20, 25, 30, 31]
+    losses = [h["val_loss"] for h in result.validation]
+    assert result.best_step == result.validation[losses.index(min(losses))]["step"]
+    meta = SAE.load(cfg.out).config.training
+    assert meta["best_step"] == result.best_step and meta["val_fraction"] == 0.2

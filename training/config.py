@@ -38,8 +38,8 @@ class TrainConfig:
     """Training tokens (across all ranks and epochs)."""
     batch_tokens: int = 1024
     """Tokens per optimiser step (global, split over ranks)."""
-    lr: float = 5e-4
-    """Peak Adam learning rate."""
+    lr: float | Literal["auto"] = "auto"
+    """Peak Adam learning rate; ``auto`` applies :func:`auto_lr` (scaled by width)."""
     warmup_frac: float = 0.02
     """Fraction of steps of linear warm-up."""
     decay_frac: float = 0.2
@@ -54,12 +54,26 @@ class TrainConfig:
     """Train on BOS / EOS / pad positions too (excluded by default)."""
     b_dec_init: Literal["mean", "median", "zero"] = "median"
     """How ``b_dec`` is initialised from the first batch."""
+    prefix_balance: float = 0.0
+    """Exponent ``p`` of the hierarchical loss's prefix weights ``∝ error_j^(−p)``: 0 weighs
+    every budget equally (the paper), 1 gives each budget the same relative weight."""
     aux_alpha: float = 1 / 32
     """AuxK loss weight (0 disables it)."""
     dead_tokens: int = 1_000_000
     """A latent not firing for this many tokens counts as dead."""
     seed: int = 0
-    """Seeds the initialisation and the data order."""
+    """Seeds the initialisation, the data order and the validation split."""
+    val_fraction: float = 0.05
+    """Fraction of the documents of a local text file held out for validation (0: none)."""
+    val_data: str | None = None
+    """A separate validation text (instead of holding out part of ``data``)."""
+    val_tokens: int = 16_384
+    """Most validation tokens evaluated."""
+    val_every: int | None = None
+    """Steps between validation evaluations (default: 1/20 of the run)."""
+    patience: int = 5
+    """Validation evaluations without improvement before training stops early (0: never).
+    The best validation checkpoint is what the run writes."""
     checkpoint_dir: str | None = None
     """Folder for checkpoints (none written when unset)."""
     checkpoint_every: int = 500
@@ -101,8 +115,24 @@ class TrainConfig:
             self.budgets = tuple(sorted({int(b) for b in self.budgets}))
             if not self.budgets or self.budgets[0] < 1 or self.budgets[-1] > self.k_max:
                 raise ConfigError(f"TrainConfig.budgets must lie in 1..k_max={self.k_max}")
-        if not self.lr > 0:
-            raise ConfigError(f"TrainConfig.lr must be positive, got {self.lr}")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"TrainConfig.val_fraction must lie in [0, 1), "
+                              f"got {self.val_fraction}")
+        for name in ("val_tokens", "val_every"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value <= 0):
+                raise ConfigError(f"TrainConfig.{name} must be a positive int, got {value!r}")
+        if isinstance(self.patience, bool) or not isinstance(self.patience, int) or \
+                self.patience < 0:
+            raise ConfigError(f"TrainConfig.patience must be an int >= 0, got {self.patience!r}")
+        if not 0 <= self.prefix_balance <= 2:
+            raise ConfigError(f"TrainConfig.prefix_balance must lie in [0, 2], "
+                              f"got {self.prefix_balance}")
+        if self.lr != "auto" and (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float))
+                                  or not 0 < self.lr < float("inf")):
+            raise ConfigError(f"TrainConfig.lr must be a positive number or 'auto', "
+                              f"got {self.lr!r}")
         if not (0 <= self.warmup_frac < 1 and 0 <= self.decay_frac <= 1):
             raise ConfigError("TrainConfig.warmup_frac / decay_frac must lie in [0, 1)")
         if self.cache_dtype not in ("float32", "float16", "bfloat16"):
@@ -113,6 +143,27 @@ class TrainConfig:
                               f"got {self.b_dec_init!r}")
 
     @property
+    def peak_lr(self) -> float:
+        """The learning rate the run uses: ``lr``, or :func:`auto_lr` for ``auto``."""
+        return auto_lr(self.d_sae) if self.lr == "auto" else float(self.lr)
+
+    @property
     def train_k(self) -> int:
         """The encoder's top-k during training."""
         return self.k_max if self.objective == "hierarchical" or self.k is None else self.k
+
+
+AUTO_LR_REFERENCE = (2e-3, 4096)
+"""``(lr, d_sae)`` the ``auto`` rule is anchored at: chosen on validation documents, see
+docs/pareto.md."""
+
+
+def auto_lr(d_sae: int) -> float:
+    """Peak learning rate for width ``d_sae``: ``lr_ref · √(d_ref / d_sae)``.
+
+    The 1/√width scaling is sparsify's rule; the anchor was chosen on validation documents
+    (docs/pareto.md). Activations are scaled to E‖x‖² = d_in before training, so the rule does
+    not depend on the LM's activation scale.
+    """
+    lr_ref, d_ref = AUTO_LR_REFERENCE
+    return lr_ref * (d_ref / d_sae) ** 0.5

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -139,14 +140,39 @@ def iter_contexts(
         yield from flush()
 
 
+@dataclass(frozen=True)
+class DocumentSplit:
+    """Whole documents in three disjoint parts: fit on train, choose on val, report eval."""
+
+    train: list[str]
+    val: list[str]
+    eval: list[str]
+
+
 def split_documents(
-    documents: list[str], eval_fraction: float, *, seed: int = 0
-) -> tuple[list[str], list[str]]:
-    """Hold out whole documents (never tokens) for evaluation: ``(train, eval)``."""
+    documents: list[str], *, val_fraction: float, eval_fraction: float, seed: int = 0
+) -> DocumentSplit:
+    """Split whole documents (never tokens) into train / validation / eval by a seeded shuffle.
+
+    A part with a positive fraction gets at least one document. Every choice (learning rate,
+    early stopping, any threshold) is made on ``val``; ``eval`` is only ever reported.
+    """
+    for name, value in (("val_fraction", val_fraction), ("eval_fraction", eval_fraction)):
+        if not 0 <= value < 1:
+            raise DataError(f"{name} must lie in [0, 1), got {value}")
+    if val_fraction + eval_fraction >= 1:
+        raise DataError("val_fraction + eval_fraction must leave documents to train on")
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(documents), generator=gen).tolist()
-    n_eval = max(1, round(len(documents) * eval_fraction)) if documents else 0
-    held = set(order[:n_eval])
-    train = [d for i, d in enumerate(documents) if i not in held]
-    evals = [d for i, d in enumerate(documents) if i in held]
-    return train, evals
+
+    def count(fraction: float) -> int:
+        return max(1, round(len(documents) * fraction)) if fraction > 0 and documents else 0
+
+    n_eval, n_val = count(eval_fraction), count(val_fraction)
+    if documents and n_eval + n_val >= len(documents):
+        raise DataError(f"{len(documents)} documents are too few for a train / validation / "
+                        "eval split", hint="use more text or smaller fractions")
+    part = {i: "eval" for i in order[:n_eval]} | {i: "val" for i in order[n_eval:n_eval + n_val]}
+    pick = {name: [d for i, d in enumerate(documents) if part.get(i, "train") == name]
+            for name in ("train", "val", "eval")}
+    return DocumentSplit(pick["train"], pick["val"], pick["eval"])

@@ -101,3 +101,43 @@ class AuxK:
         denom = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
         aux = (e_hat - residual).pow(2).sum() / denom
         return self.alpha * torch.nan_to_num(aux, nan=0.0)
+
+
+class PrefixBalance:
+    """Per-prefix loss weights ``w_j ∝ ē_j^(−p)`` from a running mean ``ē_j`` of prefix errors.
+
+    ``p = 0`` is the paper's equal weighting. ``p = 1`` gives every prefix the same *relative*
+    weight (its gradient is that of ``Σ_j log e_j``), so the large budgets, whose absolute errors
+    are many times smaller than those of the first few latents, are not drowned out. Errors
+    are measured without gradients on ``rows`` rows of a batch every ``every`` steps; the
+    weights are restricted to the trained ``budgets`` (zero elsewhere) and sum to 1.
+    """
+
+    def __init__(self, k: int, budgets: list[int], power: float, *, every: int = 4,
+                 rows: int = 128, decay: float = 0.9) -> None:
+        self.k, self.power, self.every, self.rows, self.decay = k, power, every, rows, decay
+        self.mask = torch.zeros(k, dtype=torch.float64)
+        self.mask[[b - 1 for b in budgets]] = 1.0
+        self.mean: Tensor | None = None  # (K,) running mean of prefix errors
+        self.calls = 0
+
+    @property
+    def active(self) -> bool:
+        return self.power != 0.0
+
+    def weights(self, x: Tensor, code: SparseCode, sae: SAE) -> Tensor | None:
+        """``[K]`` weights for this step (``None`` when balancing is off: equal weights)."""
+        from hsae_runtime.loss import prefix_errors
+
+        if not self.active:
+            return None
+        if self.mean is None or self.calls % self.every == 0:
+            rows = slice(0, min(self.rows, x.shape[0]))
+            err = prefix_errors(x[rows], code.values[rows].detach(), code.indices[rows],
+                                sae.W_dec.detach(), sae.b_dec.detach()).double().cpu()
+            err = err.clamp_min(1e-12)
+            old = err if self.mean is None else self.mean
+            self.mean = self.decay * old + (1 - self.decay) * err
+        self.calls += 1
+        w = self.mean.pow(-self.power) * self.mask
+        return (w / w.sum()).float()

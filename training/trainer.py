@@ -45,6 +45,7 @@ from hsae_runtime.training.checkpoint import (
 from hsae_runtime.training.config import TrainConfig
 from hsae_runtime.training.optim import (
     AuxK,
+    PrefixBalance,
     geometric_median,
     lr_at,
     project_decoder_grad,
@@ -64,6 +65,10 @@ class TrainResult:
     tokens: int
     losses: list[float] = field(default_factory=list)
     """Loss of every step (rank-averaged)."""
+    validation: list[dict[str, float]] = field(default_factory=list)
+    """``{"step", "train_loss", "val_loss"}`` at every validation evaluation."""
+    best_step: int | None = None
+    """Step of the best validation loss: the weights that were written."""
     lm_seconds: float = 0.0
     sae_seconds: float = 0.0
     wall_seconds: float = 0.0
@@ -110,35 +115,55 @@ def train(cfg: TrainConfig) -> TrainResult:
         device = torch.device("cuda", torch.cuda.current_device())
     timer = Timer()
 
+    from hsae_runtime.training.validation import Validator, split_data, validation_activations
+
+    if cfg.val_data is not None:
+        train_data, val_data = cfg.data, cfg.val_data
+    else:
+        train_data, val_data = split_data(cfg.data, cfg.val_fraction, cfg.seed)
     cache = None
     lm = None
     hp_name = cfg.hookpoint
+
+    def get_lm() -> Any:
+        nonlocal lm
+        if lm is None:
+            if world > 1 and rank != 0:
+                dist.barrier()  # rank 0 builds any GGUF cache first; the others then read it
+            lm = load_lm(cfg.lm, dtype=cfg.lm_dtype, device=device)
+            if world > 1 and rank == 0:
+                dist.barrier()
+        return lm
+
     if cfg.activation_cache is not None:
         stored = _read_manifest(Path(cfg.activation_cache))
-        if stored is not None and _cache_matches(stored["key"], cfg):
+        if stored is not None and _cache_matches(stored["key"], cfg, train_data):
             cache = ActivationCache(cfg.activation_cache, stored["key"], cfg.cache_dtype)
     if cache is None or not cache.complete:
-        if not str(cfg.data).startswith("hf:") and not Path(cfg.data).expanduser().is_file():
+        if not str(train_data).startswith("hf:") and not Path(train_data).expanduser().is_file():
             raise DataError(f"data file not found: {cfg.data}",
                             hint="pass a .txt or .jsonl file, or hf:DATASET[:CONFIG][:SPLIT]")
-        if world > 1 and rank != 0:
-            dist.barrier()  # rank 0 builds any GGUF cache first; the others then read it
-        lm = load_lm(cfg.lm, dtype=cfg.lm_dtype, device=device)
-        if world > 1 and rank == 0:
-            dist.barrier()
-        hp = resolve_hookpoint(lm.model, cfg.hookpoint)
+        loaded = get_lm()
+        hp = resolve_hookpoint(loaded.model, cfg.hookpoint)
         lm_source = LMActivationSource(
-            lm, hp, cfg.data, context=cfg.context, block_contexts=cfg.block_contexts,
+            loaded, hp, train_data, context=cfg.context, block_contexts=cfg.block_contexts,
             lm_batch=cfg.lm_batch, include_special=cfg.include_special, timer=timer,
         )
         if cfg.activation_cache is not None:
             cache = ActivationCache(cfg.activation_cache, lm_source.key(), cfg.cache_dtype)
         source = BlockSource(lm_source, cache)
-        d_in = lm.d_model
+        d_in = loaded.d_model
     else:
         source = BlockSource(None, cache)
         d_in = int(next(cache.blocks(0))[1].shape[1])
         logger.info("training from the activation cache in %s", cfg.activation_cache)
+    val_acts = None
+    if val_data is not None:
+        loaded = get_lm()
+        val_acts = validation_activations(
+            loaded, resolve_hookpoint(loaded.model, cfg.hookpoint), val_data,
+            tokens=cfg.val_tokens, context=cfg.context, lm_batch=cfg.lm_batch,
+            include_special=cfg.include_special, cache_dir=cfg.activation_cache)
 
     sae_config = SAEConfig(
         d_in=d_in, d_sae=cfg.d_sae, k_max=cfg.k_max,
@@ -150,7 +175,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     sae.reset_parameters(generator=gen)
     sae.to(device)
     fused = device.type == "cuda"
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.peak_lr, betas=(0.9, 0.999), eps=1e-8,
                            **({"fused": True} if fused else {"foreach": True}))
     total_steps = max(1, cfg.tokens // cfg.batch_tokens)
     aux = AuxK(cfg.d_sae, cfg.dead_tokens, cfg.aux_alpha, device=device)
@@ -170,6 +195,9 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     encode = getattr(sae, "encode_for_training", sae.encode)
     budgets = list(sae_config.trained_budgets)
+    validator: Validator | None = None
+    balance = PrefixBalance(cfg.k_max, budgets, cfg.prefix_balance if cfg.objective
+                            == "hierarchical" else 0.0)
     local_batch = cfg.batch_tokens // world
     progress = Progress(cfg, rank, total_steps, state)
     result = TrainResult(sae=sae, steps=state.step, tokens=state.tokens)
@@ -186,6 +214,10 @@ def train(cfg: TrainConfig) -> TrainResult:
                 state.scale = _scale_for(acts, d_in)
                 if state.step == 0:
                     _init_b_dec(sae, acts[: cfg.batch_tokens] * state.scale, cfg.b_dec_init)
+            if validator is None and val_acts is not None:
+                validator = Validator(
+                    (val_acts * state.scale).to(device), cfg.objective, cfg.train_k, budgets,
+                    every=cfg.val_every or max(1, total_steps // 20), patience=cfg.patience)
             n_batches = len(acts) // cfg.batch_tokens
             if n_batches == 0:
                 continue
@@ -197,12 +229,13 @@ def train(cfg: TrainConfig) -> TrainResult:
                 x = (acts[idx] * state.scale).to(device)  # (N, d_in)
                 t0 = time.perf_counter()
                 for group in opt.param_groups:
-                    group["lr"] = lr_at(state.step, total_steps, cfg.lr, cfg.warmup_frac,
+                    group["lr"] = lr_at(state.step, total_steps, cfg.peak_lr, cfg.warmup_frac,
                                         cfg.decay_frac)
                 code = encode(x, cfg.train_k)
                 if cfg.objective == "hierarchical":
                     main = loss_mod.hierarchical_topk_loss(
-                        x, code.values, code.indices, sae.W_dec, sae.b_dec, budgets)
+                        x, code.values, code.indices, sae.W_dec, sae.b_dec, budgets,
+                        weights=balance.weights(x, code, sae))
                 else:
                     main = loss_mod.topk_loss(x, code.values, code.indices, sae.W_dec, sae.b_dec)
                 aux_loss = aux.loss(sae, x, code)
@@ -230,7 +263,16 @@ def train(cfg: TrainConfig) -> TrainResult:
                 progress.update(state, float(loss_value), sae, x, code, aux, timer.lm_s, sae_s)
                 if ckpt is not None and state.step % cfg.checkpoint_every == 0:
                     save_checkpoint(ckpt, cfg, sae, opt, aux, state, rank)
-                if state.step >= total_steps or (cfg.max_steps and state.step >= cfg.max_steps):
+                last = state.step >= total_steps or bool(
+                    cfg.max_steps and state.step >= cfg.max_steps)
+                if validator is not None and validator.due(state.step, last):
+                    recent = result.losses[-validator.every:]
+                    validator.check(sae, state.step, sum(recent) / len(recent))
+                    if validator.should_stop:
+                        logger.info("validation loss has not improved for %d evaluations: "
+                                    "stopping at step %d", validator.patience, state.step)
+                        last = True
+                if last:
                     done = True
                     break
             if done:
@@ -251,7 +293,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     progress.close()
     if ckpt is not None:
         save_checkpoint(ckpt, cfg, sae, opt, aux, state, rank)
-    out = finalize(sae, state.scale or 1.0, cfg, state)
+    if validator is not None:
+        validator.restore_best(sae)
+        result.validation = validator.history
+        result.best_step = validator.best_step
+    out = finalize(sae, state.scale or 1.0, cfg, state, validator)
     if rank == 0:
         out.save(cfg.out)
         logger.info("wrote %s (%d steps, %d tokens)", cfg.out, state.step, state.tokens)
@@ -289,16 +335,22 @@ def _init_b_dec(sae: SAE, x: Tensor, how: str) -> None:
 
 
 @torch.no_grad()
-def finalize(sae: SAE, scale: float, cfg: TrainConfig, state: TrainState) -> SAE:
+def finalize(sae: SAE, scale: float, cfg: TrainConfig, state: TrainState,
+             validator: Any = None) -> SAE:
     """Copy of ``sae`` with the activation scale folded in (works on raw activations)."""
+    val = {}
+    if validator is not None and validator.best_step >= 0:
+        val = {"val_fraction": cfg.val_fraction if cfg.val_data is None else None,
+               "best_step": validator.best_step, "best_val_loss": validator.best_loss}
     config = SAEConfig.from_dict({
         **sae.config.to_dict(),
         "normalization_scale": scale,
         "training": {
             "objective": cfg.objective, "k": cfg.train_k, "tokens": state.tokens,
-            "steps": state.step, "batch_tokens": cfg.batch_tokens, "lr": cfg.lr,
+            "steps": state.step, "batch_tokens": cfg.batch_tokens, "lr": cfg.peak_lr,
             "context": cfg.context, "data": str(cfg.data), "seed": cfg.seed,
             "aux_alpha": cfg.aux_alpha, "b_dec_init": cfg.b_dec_init,
+            "prefix_balance": cfg.prefix_balance, **val,
         },
     })
     out = SAE(config, device="meta")
@@ -309,10 +361,10 @@ def finalize(sae: SAE, scale: float, cfg: TrainConfig, state: TrainState) -> SAE
     return out
 
 
-def _cache_matches(key: dict[str, Any], cfg: TrainConfig) -> bool:
+def _cache_matches(key: dict[str, Any], cfg: TrainConfig, train_data: str) -> bool:
     from hsae_runtime.training.buffer import data_identity
 
-    data, stamp = data_identity(cfg.data)
+    data, stamp = data_identity(train_data)
     return (key.get("lm") == cfg.lm and key.get("hookpoint") == cfg.hookpoint
             and key.get("data") == data and key.get("data_stamp") == stamp
             and key.get("context") == cfg.context

@@ -1,4 +1,4 @@
-"""Stages 1-2: split the text into train / held-out documents, and cache their activations.
+"""Stages 1-2: split the text into train / validation / eval documents, and cache activations.
 
 Both outputs live under ``cache_root`` (``--cache-dir``, default ``--out``) so several runs can
 share them; the activation cache is keyed on the split files' paths and mtimes.
@@ -22,9 +22,20 @@ _TITLE = re.compile(r"^ ?= [^=].* = ?$")  # " = Title = " (not " = = Section = =
 
 
 # ---------------------------------------------------------------------------- 1. split
-def split_documents(s: Settings, out: Path) -> tuple[Path, Path, dict[str, int]]:
-    """Write ``data/train.txt`` and ``data/eval.txt`` (one blank-line block per document)."""
+PARTS = ("train", "val", "eval")
+
+
+def split_documents(s: Settings, out: Path) -> tuple[dict[str, Path], dict[str, int]]:
+    """Write ``data/{train,val,eval}.txt`` (one blank-line block per document).
+
+    Documents are WikiText articles when the file has `` = Title = `` headings, otherwise
+    blank-line blocks; they go to the three parts by a seeded shuffle
+    (:func:`hsae_runtime.training.data.split_documents`): train fits the SAEs, validation
+    makes every choice, eval is only reported.
+    """
     from hsae_runtime.errors import DataError
+    from hsae_runtime.training.data import read_documents
+    from hsae_runtime.training.data import split_documents as split_docs
 
     path = Path(s.data).expanduser()
     if not path.is_file():
@@ -40,26 +51,25 @@ def split_documents(s: Settings, out: Path) -> tuple[Path, Path, dict[str, int]]
             if line.strip():
                 docs[-1].append(line.strip())
     else:
-        from hsae_runtime.training.data import read_documents
-
         docs = [[ln for ln in d.splitlines() if ln.strip()] for d in read_documents(path)]
-    docs = [d for d in docs if d][: s.max_docs]
-    train = [d for i, d in enumerate(docs) if i % s.eval_every != s.eval_every - 1]
-    held = [d for i, d in enumerate(docs) if i % s.eval_every == s.eval_every - 1]
-    if not train or not held:
-        raise DataError(f"{s.data} has {len(docs)} documents; need at least {s.eval_every}")
+    texts = ["\n".join(d) for d in docs if d][: s.max_docs]
+    if len(texts) < 3:
+        raise DataError(f"{s.data} has {len(texts)} documents; need at least 3 "
+                        "(train, validation, eval)")
+    split = split_docs(texts, val_fraction=s.val_fraction, eval_fraction=s.eval_fraction,
+                       seed=s.split_seed)
     folder = out / "data"
     folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, part in (("train", train), ("eval", held)):
+    paths = {}
+    for name in PARTS:
         p = folder / f"{name}.txt"
-        text = "\n\n".join("\n".join(d) for d in part) + "\n"
+        text = "\n\n".join(getattr(split, name)) + "\n"
         # Rewrite only on change: the activation cache is keyed on the file's mtime.
         if not p.is_file() or p.read_text(encoding="utf-8") != text:
             p.write_text(text, encoding="utf-8")
-        paths.append(p)
-    return paths[0], paths[1], {"documents": len(docs), "train_docs": len(train),
-                                "eval_docs": len(held)}
+        paths[name] = p
+    return paths, {"documents": len(texts), "split_seed": s.split_seed,
+                   **{f"{name}_docs": len(getattr(split, name)) for name in PARTS}}
 
 
 # ---------------------------------------------------------------------------- 2. cache

@@ -60,7 +60,8 @@ def run(s: Settings) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    train_txt, eval_txt, split = split_documents(s, cache_root(s))
+    parts, split = split_documents(s, cache_root(s))
+    train_txt, eval_txt = parts["train"], parts["eval"]
     lm_name = s.lm or (_tiny_lm(out) if s.quick else str(gemma3_270m_path()))
     lm = load_lm(lm_name, device="cpu")
     timings["load_lm_s"] = time.perf_counter() - t
@@ -96,15 +97,18 @@ def run(s: Settings) -> dict[str, Any]:
         logger.info("median s/step: %s", {k: round(v, 4) for k, v in step_times.items()})
 
     t = time.perf_counter()
-    eval_cache = cache_activations(s, lm, eval_txt, cache_root(s) / "cache" / "eval",
-                                   block_contexts)
+    held = {name: load_cache(cache_activations(s, lm, parts[name], cache_root(s) / "cache" / name,
+                                               block_contexts)) for name in ("val", "eval")}
     timings["cache_s"] += time.perf_counter() - t
-    eval_acts = load_cache(eval_cache)
-    logger.info("activations: %d train tokens, %d eval tokens (d=%d)", len(train_acts),
-                len(eval_acts), train_acts.shape[1])
+    eval_acts = held["eval"]
+    logger.info("activations: %d train, %d validation, %d eval tokens (d=%d)", len(train_acts),
+                len(held["val"]), len(eval_acts), train_acts.shape[1])
     results: dict[str, Any] = {
         "settings": asdict(s), "lm": Path(lm_name).name, "split": split,
-        "train_tokens_unique": len(train_acts), "eval_tokens": len(eval_acts),
+        "chosen_on": "val: every recipe choice was made on the validation documents; the eval "
+                     "documents are only reported",
+        "train_tokens_unique": len(train_acts), "val_tokens": len(held["val"]),
+        "eval_tokens": len(eval_acts), "fvu_val": {},
         "train_tokens": s.tokens // s.batch_tokens * s.batch_tokens,
         "passes": s.tokens / len(train_acts), "fvu": {}, "training": stats,
         "step_time_s": step_times, "timings_s": timings, "ce": None,
@@ -124,6 +128,9 @@ def run(s: Settings) -> dict[str, Any]:
         saes[name] = SAE.load(out / "models" / f"{name}.safetensors")
         fvu = eval_fvu(saes[name], eval_acts, list(s.eval_ks))
         results["fvu"][name] = {str(k): v for k, v in fvu.items()}
+        val = eval_fvu(saes[name], held["val"], list(s.eval_ks))
+        results["fvu_val"][name] = {str(k): v for k, v in val.items()}
+        logger.info("%s validation FVU: %s", name, {k: round(v["fvu"], 4) for k, v in val.items()})
         timings["eval_fvu_s"] = timings.get("eval_fvu_s", 0.0) + time.perf_counter() - t
         logger.info("%s FVU: %s", name, {k: round(v["fvu"], 4) for k, v in fvu.items()})
         save()

@@ -26,7 +26,9 @@ class Settings:
     lm: str | None = None  # None: Gemma-3 270M Q4_K_M from PyPI
     hookpoint: str = "model.layers.9"
     data: str = str(DEFAULT_DATA)
-    eval_every: int = 5
+    val_fraction: float = 0.1
+    eval_fraction: float = 0.2
+    split_seed: int = 0
     max_docs: int | None = None
     context: int = 1024
     lm_batch: int = 4
@@ -36,11 +38,15 @@ class Settings:
     eval_ks: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     tokens: int = 2_097_152
     batch_tokens: int = 1024
-    lr: float = 5e-4
-    warmup_frac: float = 0.02
-    decay_frac: float = 0.2
-    aux_alpha: float = 0.0
-    b_dec_init: str = "median"
+    # The recipe: None takes hsae-runtime train's default (TrainConfig), so the experiment
+    # measures what a user gets with the defaults unless a flag overrides one.
+    lr: float | None = None
+    warmup_frac: float | None = None
+    decay_frac: float | None = None
+    aux_alpha: float | None = None
+    prefix_balance: float | None = None
+    b_dec_init: str | None = None
+    only: tuple[str, ...] | None = None  # train / evaluate only these SAEs (e.g. htopk64,topk8)
     seed: int = 0
     ce_tokens: int = 8192
     ce_ks: tuple[int, ...] | None = None  # None: the eval budgets
@@ -62,9 +68,10 @@ def cache_root(s: Settings) -> Path:
 
 def sae_specs(s: Settings) -> list[tuple[str, str, int]]:
     """``(name, objective, k)`` of every SAE: the hierarchical one first."""
-    return [(f"htopk{s.k_max}", "hierarchical", s.k_max)] + [
+    specs = [(f"htopk{s.k_max}", "hierarchical", s.k_max)] + [
         (f"topk{k}", "topk", k) for k in s.topk_ks
     ]
+    return [sp for sp in specs if s.only is None or sp[0] in s.only]
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
@@ -77,15 +84,18 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--hookpoint")
     p.add_argument("--data", help=f"text file (default {DEFAULT_DATA})")
     p.add_argument("--cache-dir", help="share the split and activation caches of another --out")
-    ints = ["eval-every", "max-docs", "context", "lm-batch", "d-sae", "k-max", "tokens",
+    ints = ["split-seed", "max-docs", "context", "lm-batch", "d-sae", "k-max", "tokens",
             "batch-tokens", "seed", "ce-tokens", "ce-group", "ce-chunk", "timing-rounds",
             "timing-steps", "threads"]
     for name in ints:
         p.add_argument(f"--{name}", type=int)
-    for name in ("lr", "warmup-frac", "decay-frac", "aux-alpha"):
+    for name in ("val-fraction", "eval-fraction", "lr", "warmup-frac", "decay-frac", "aux-alpha",
+                 "prefix-balance"):
         p.add_argument(f"--{name}", type=float)
     for name in ("topk-ks", "eval-ks", "ce-ks"):
         p.add_argument(f"--{name}", help="comma-separated budgets")
+    p.add_argument("--only", help="comma-separated SAE names to train and evaluate "
+                   "(htopk64,topk8,...)")
     p.add_argument("--no-train", dest="train", action="store_false", default=None,
                    help="skip training and step timing; evaluate the models already in --out")
     p.add_argument("--ce-mode", choices=["all", "claims"],
@@ -102,5 +112,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
             continue
         if key in ("topk_ks", "eval_ks", "ce_ks"):
             value = tuple(int(v) for v in value.split(","))
+        if key == "only":
+            value = tuple(v.strip() for v in value.split(",") if v.strip())
         base[key] = value
     return Settings(**base)

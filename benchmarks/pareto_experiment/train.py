@@ -27,15 +27,20 @@ def train_config(s: Settings, lm_name: str, train_txt: Path, name: str, objectiv
                  k: int, block_contexts: int, out: Path):
     from hsae_runtime.training.trainer import TrainConfig
 
+    recipe = {key: getattr(s, key) for key in RECIPE if getattr(s, key) is not None}
     return TrainConfig(
         lm=lm_name, hookpoint=s.hookpoint, data=str(train_txt), d_sae=s.d_sae, k_max=s.k_max,
         out=str(out / "models" / f"{name}.safetensors"), objective=objective,  # type: ignore
-        k=k, tokens=s.tokens, batch_tokens=s.batch_tokens, lr=s.lr, warmup_frac=s.warmup_frac,
-        decay_frac=s.decay_frac, context=s.context, lm_batch=s.lm_batch,
-        block_contexts=block_contexts, b_dec_init=s.b_dec_init,  # type: ignore
-        aux_alpha=s.aux_alpha, seed=s.seed, activation_cache=str(cache_root(s) / "cache" / "train"),
-        cache_dtype="float32", device="cpu", progress=True, log_every=50,
+        k=k, tokens=s.tokens, batch_tokens=s.batch_tokens, context=s.context,
+        lm_batch=s.lm_batch, block_contexts=block_contexts, seed=s.seed,
+        activation_cache=str(cache_root(s) / "cache" / "train"),
+        val_data=str(train_txt.with_name("val.txt")),  # the experiment's own validation part
+        cache_dtype="float32", device="cpu", progress=True, log_every=50, **recipe,
     )
+
+
+RECIPE = ("lr", "warmup_frac", "decay_frac", "aux_alpha", "prefix_balance", "b_dec_init")
+"""Settings fields passed to TrainConfig only when set (otherwise its defaults apply)."""
 
 
 def train_order(s: Settings) -> list[tuple[str, str, int]]:
@@ -90,7 +95,7 @@ def time_steps(s: Settings, acts: Tensor) -> dict[str, float]:
     runs = {}
     for name, objective, k in sae_specs(s):
         sae = SAE(SAEConfig(d_in=acts.shape[1], d_sae=s.d_sae, k_max=s.k_max))
-        runs[name] = (sae, torch.optim.Adam(sae.parameters(), lr=s.lr), objective, k, [])
+        runs[name] = (sae, torch.optim.Adam(sae.parameters(), lr=s.lr or 1e-3), objective, k, [])
     for _ in range(s.timing_rounds):
         for _name, (sae, opt, objective, k, times) in runs.items():
             encode = getattr(sae, "encode_for_training", sae.encode)
