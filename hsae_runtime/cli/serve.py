@@ -12,6 +12,7 @@ import typer
 
 from hsae_runtime.cli.app import app
 from hsae_runtime.errors import ConfigError
+from hsae_runtime.serving.limits import ServingLimits
 
 
 @app.command()
@@ -35,6 +36,14 @@ def serve(
     no_batching: bool = typer.Option(False, "--no-batching", help="One forward per request."),
     max_request_tokens: int = typer.Option(8192, help="Most tokens / rows in one request."),
     max_message_mb: int = typer.Option(64, help="Largest gRPC message, MiB, both directions."),
+    max_streams: int = typer.Option(
+        ServingLimits.max_streams,
+        help="Most EncodeStreams open at once (each holds a handler thread; at most 32).",
+    ),
+    stream_idle_timeout_s: float = typer.Option(
+        ServingLimits.stream_idle_timeout_s,
+        help="Close an EncodeStream that sends nothing for this many seconds.",
+    ),
     tls_cert: Path = typer.Option(None, help="PEM certificate chain (with --tls-key)."),
     tls_key: Path = typer.Option(None, help="PEM private key (with --tls-cert)."),
     token_file: Path = typer.Option(None, help="File holding the bearer token clients must send."),
@@ -44,7 +53,6 @@ def serve(
     from hsae_runtime.serving.backend import BackendName
     from hsae_runtime.serving.batcher import BatcherConfig
     from hsae_runtime.serving.server import ServerOptions, load_and_start, serve_forever
-    from hsae_runtime.serving.servicer import ServingLimits
 
     if backend not in ("torch", "onnx"):
         raise ConfigError(f"unknown backend {backend!r}", hint="choose torch or onnx")
@@ -54,7 +62,10 @@ def serve(
         host=host,
         port=port,
         limits=ServingLimits(
-            max_request_tokens=max_request_tokens, max_message_bytes=max_message_mb * 2**20
+            max_request_tokens=max_request_tokens,
+            max_message_bytes=max_message_mb * 2**20,
+            max_streams=max_streams,
+            stream_idle_timeout_s=stream_idle_timeout_s,
         ),
         batching=BatcherConfig(
             max_batch_tokens=max_batch_tokens,

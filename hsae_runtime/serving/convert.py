@@ -251,14 +251,15 @@ def encode_request_from_pb(req: Any, config: SAEConfig, max_rows: int) -> Encode
             parsed.text = req.text
         case "tokens":
             parsed.kind = "tokens"
-            parsed.token_ids = list(req.tokens.ids)
-            if not parsed.token_ids:
+            n_ids = len(req.tokens.ids)  # counted before any list is built
+            if not n_ids:
                 raise InputError("token ids are empty")
-            if len(parsed.token_ids) > max_rows:
+            if n_ids > max_rows:
                 raise InputError(
-                    f"too many tokens: {len(parsed.token_ids)} > max_request_tokens={max_rows}",
+                    f"too many tokens: {n_ids} > max_request_tokens={max_rows}",
                     hint="split the input over several requests (or EncodeStream)",
                 )
+            parsed.token_ids = list(req.tokens.ids)
         case "activations":
             parsed.kind = "activations"
             x = array_from_pb(req.activations, "activations", FLOAT_INPUTS)

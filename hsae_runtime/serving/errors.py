@@ -9,9 +9,10 @@ exception                                     status
 InputError, ConfigError, HookpointError ...   INVALID_ARGUMENT
   (any :class:`~hsae_runtime.errors.HSAEError`)
 :class:`OversizeError`, :class:`QueueFullError`  RESOURCE_EXHAUSTED
+:class:`StreamLimitError`                     RESOURCE_EXHAUSTED
 :class:`AuthError`                            UNAUTHENTICATED
 :class:`NotServedError`                       FAILED_PRECONDITION
-:class:`DeadlineError`                        DEADLINE_EXCEEDED
+:class:`DeadlineError`, :class:`StreamIdleError`  DEADLINE_EXCEEDED
 :class:`CancelledError`                       CANCELLED
 :class:`ShuttingDownError`                    UNAVAILABLE
 anything else (a bug)                         INTERNAL, logged with its traceback
@@ -59,6 +60,12 @@ class QueueFullError(ServingError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class StreamLimitError(ServingError):
+    """As many EncodeStreams are open as the server allows (``--max-streams``)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class AuthError(ServingError):
     """Missing or wrong bearer token."""
 
@@ -73,6 +80,12 @@ class NotServedError(ServingError):
 
 class DeadlineError(ServingError):
     """The client's deadline passed before the request was served."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class StreamIdleError(ServingError):
+    """An EncodeStream sent nothing for longer than ``--stream-idle-timeout-s``."""
 
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 

@@ -8,9 +8,13 @@
   ``grpcurl`` works) are always on.
 * TLS from a PEM cert/key pair; a bearer token (``authorization: Bearer <token>``) checked by
   an interceptor in constant time. A token over plain TCP is readable on the wire: use both.
-* :meth:`RunningServer.stop`: health goes NOT_SERVING, new RPCs are refused, in-flight ones get
-  ``grace`` seconds, then the batcher drains and stops. :func:`serve_forever` calls it on
-  SIGTERM / SIGINT.
+* Threads: open EncodeStreams are capped (``--max-streams``, at most half the handler threads)
+  and closed when idle (``--stream-idle-timeout-s``); health checks and Info run on a small
+  pool of their own, so they answer however busy the main pool is.
+* :meth:`RunningServer.stop`: health goes NOT_SERVING and new work calls get UNAVAILABLE while
+  the port stays open; in-flight calls and received stream items get ``grace`` seconds, what is
+  left then answers UNAVAILABLE; then the port closes and the batcher stops.
+  :func:`serve_forever` calls it on SIGTERM / SIGINT.
 
 :func:`start` takes a ready backend (tests, benchmarks); :func:`load_and_start` loads the model
 file and the LM the way ``hsae-runtime serve`` does.
@@ -43,6 +47,9 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "hsae.v1.HSAE"
 _HEALTH_PREFIX = "/grpc.health.v1.Health/"
+_RESERVED_METHODS = frozenset({_HEALTH_PREFIX + "Check", f"/{SERVICE_NAME}/Info"})
+_ABORT_WAIT_S = 2.0
+"""After the grace: how long calls get to send their UNAVAILABLE before the port closes."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +69,11 @@ class ServerOptions:
     token: str | None = None
     """Bearer token every call except health must carry."""
     max_workers: int = 64
-    """gRPC handler threads: bounds concurrent RPCs being served (the rest wait in gRPC)."""
+    """gRPC handler threads: bounds concurrent RPCs being served (the rest wait in gRPC). Open
+    EncodeStreams may hold at most half of them (``limits.max_streams``)."""
+    reserved_workers: int = 2
+    """A separate pool of handler threads for health checks and Info only, so they answer
+    while every other thread is busy."""
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -73,6 +84,18 @@ class ServerOptions:
             raise ConfigError("the token is empty", hint="put a non-empty token in --token-file")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in 0..65535, got {self.port}")
+        if self.max_workers < 2 or self.reserved_workers < 1:
+            raise ConfigError(
+                f"need max_workers >= 2 and reserved_workers >= 1, got {self.max_workers} and "
+                f"{self.reserved_workers}"
+            )
+        if self.limits.max_streams > self.max_workers // 2:
+            raise ConfigError(
+                f"max_streams={self.limits.max_streams} is over half of the "
+                f"{self.max_workers} handler threads",
+                hint="open streams each hold a thread: lower --max-streams so unary calls "
+                "always find one",
+            )
 
 
 class _TokenInterceptor(grpc.ServerInterceptor):
@@ -109,6 +132,33 @@ class _TokenInterceptor(grpc.ServerInterceptor):
                 raise ValueError(f"unexpected handler kind {other}")
 
 
+class _ReservedPoolInterceptor(grpc.ServerInterceptor):
+    """Runs the unary methods named in ``methods`` on their own small thread pool.
+
+    gRPC's sync server runs a handler on ``experimental_thread_pool`` when its behaviour
+    carries one (``grpc_health`` uses the same hook); interceptors run on the server's polling
+    thread, before any handler thread is taken, so this costs no thread of the main pool.
+    """
+
+    def __init__(self, pool: ThreadPoolExecutor, methods: frozenset[str]) -> None:
+        self._pool = pool
+        self._methods = methods
+
+    def intercept_service(self, continuation: Callable[..., Any], details: Any) -> Any:
+        handler = continuation(details)
+        if handler is None or details.method not in self._methods:
+            return handler
+        behaviour = handler.unary_unary
+        if behaviour is None:
+            return handler
+
+        def run(request: Any, context: grpc.ServicerContext) -> Any:
+            return behaviour(request, context)
+
+        setattr(run, "experimental_thread_pool", self._pool)  # read by grpc._server
+        return handler._replace(unary_unary=run)
+
+
 class RunningServer:
     """A started server. ``port`` is the bound port (useful with port 0)."""
 
@@ -119,6 +169,7 @@ class RunningServer:
         servicer: HSAEServicer,
         health: Any,
         options: ServerOptions,
+        reserved_pool: ThreadPoolExecutor | None = None,
     ) -> None:
         self.server = server
         self.port = port
@@ -126,6 +177,7 @@ class RunningServer:
         self.batcher = servicer.batcher
         self.health = health
         self.options = options
+        self._reserved_pool = reserved_pool
         self._stopped = threading.Event()
 
     @property
@@ -135,13 +187,35 @@ class RunningServer:
         return f"{host}:{self.port}"
 
     def stop(self, grace: float | None = 10.0) -> None:
-        """Refuse new RPCs, give in-flight ones ``grace`` seconds, then stop the batcher."""
+        """Drain for up to ``grace`` seconds, then close the port and stop the batcher.
+
+        While draining, the port stays open: health answers NOT_SERVING, new Encode / Decode /
+        EncodeStream calls get UNAVAILABLE, calls in progress and the items open streams have
+        already received are answered, and each stream then ends with UNAVAILABLE. Calls still
+        waiting when the grace runs out answer UNAVAILABLE with a message (a computation
+        already running is not interrupted; it gets ``_ABORT_WAIT_S`` more to finish).
+        """
         if self._stopped.is_set():
             return
         self._stopped.set()
+        grace = max(grace or 0.0, 0.0)
+        gate = self.servicer.gate
         self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
-        self.batcher.close(timeout=grace)
+        gate.drain()
+        in_flight = gate.calls
+        if in_flight:
+            log.info("draining %d call(s) in progress (grace %.1f s)", in_flight, grace)
+        if not gate.wait_idle(grace):
+            log.warning(
+                "shutdown grace over: %d call(s) still in progress answer UNAVAILABLE",
+                gate.calls,
+            )
+            gate.abort()
+            gate.wait_idle(_ABORT_WAIT_S)
+        self.server.stop(_ABORT_WAIT_S).wait()
+        self.batcher.close(timeout=_ABORT_WAIT_S)
+        if self._reserved_pool is not None:
+            self._reserved_pool.shutdown(wait=False)
         log.info("server on %s stopped", self.address)
 
     def wait(self) -> None:
@@ -174,7 +248,13 @@ def start(
         batcher, lm=lm, hookpoint=hookpoint, limits=options.limits, version=version or __version__
     )
     size = options.limits.max_message_bytes
-    interceptors: list[grpc.ServerInterceptor] = []
+    reserved_pool = ThreadPoolExecutor(
+        max_workers=options.reserved_workers, thread_name_prefix="hsae-grpc-reserved"
+    )
+    # First in the chain, so it also moves the auth interceptor's refusals of Info.
+    interceptors: list[grpc.ServerInterceptor] = [
+        _ReservedPoolInterceptor(reserved_pool, _RESERVED_METHODS)
+    ]
     if options.token:
         interceptors.append(_TokenInterceptor(options.token))
     server = grpc.server(
@@ -205,13 +285,14 @@ def start(
             port = server.add_insecure_port(address)
     except (OSError, RuntimeError) as err:
         batcher.close()
+        reserved_pool.shutdown(wait=False)
         raise ConfigError(
             f"cannot bind {address}: {err}", hint="is the port already in use?"
         ) from err
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    running = RunningServer(server, port, servicer, health_servicer, options)
+    running = RunningServer(server, port, servicer, health_servicer, options, reserved_pool)
     cfg = backend.config
     log.info(
         "hsae-runtime %s serving on %s%s%s | SAE d_in=%d d_sae=%d k_max=%d budgets=%s (%s, %s) | "

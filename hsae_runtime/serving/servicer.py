@@ -9,13 +9,15 @@ and cancellation, and EncodeStream's pipelining.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -30,27 +32,51 @@ from hsae_runtime.serving.errors import (
     DeadlineError,
     NotServedError,
     OversizeError,
+    ShuttingDownError,
+    StreamIdleError,
     handle_errors,
     status_for,
 )
+from hsae_runtime.serving.gate import CallGate
+from hsae_runtime.serving.limits import ServingLimits
 from hsae_runtime.serving.stubs import load as load_stubs
+from hsae_runtime.serving.tokenise import BoundedTokeniser
 
 pb, pb_grpc = load_stubs()
 log = logging.getLogger(__name__)
 
+__all__ = ["HSAEServicer", "ServingLimits"]
+
 _END = object()
+_WAKE = object()
+STREAM_DRAINED = (
+    "the server is shutting down: every request received on this stream was answered; send "
+    "the rest to another server"
+)
 
 
-@dataclass(frozen=True)
-class ServingLimits:
-    """Per-request limits, reported by Info."""
+@dataclass
+class _StreamActivity:
+    """What an EncodeStream's reader last did (read by the answering loop, no lock needed)."""
 
-    max_request_tokens: int = 8192
-    """Most tokens (or activation / code rows) in one request."""
-    max_message_bytes: int = 64 * 2**20
-    """Largest message received or sent."""
-    stream_window: int = 32
-    """Most requests of one EncodeStream in flight at once (back-pressure on the reader)."""
+    last: float = field(default_factory=time.monotonic)
+    """``time.monotonic()`` of the last request received or answer sent."""
+    busy: bool = False
+    """True from a request's arrival until it is queued for the answering loop."""
+
+    def touch(self) -> None:
+        self.last = time.monotonic()
+
+
+def _gated(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a unary work call inside the servicer's :class:`CallGate` (counted, drained)."""
+
+    @functools.wraps(method)
+    def gated(self: HSAEServicer, request: Any, context: grpc.ServicerContext) -> Any:
+        with self.gate.call():
+            return method(self, request, context)
+
+    return gated
 
 
 @dataclass
@@ -79,7 +105,13 @@ class HSAEServicer(pb_grpc.HSAEServicer):
         self.hookpoint = hookpoint
         self.limits = limits or ServingLimits()
         self.version = version
+        self.gate = CallGate(self.limits.max_streams)
         self._vocab = int(lm.model.get_input_embeddings().num_embeddings) if lm is not None else 0
+        self._text = (
+            BoundedTokeniser.for_tokenizer(lm.tokenizer, self.limits.max_request_tokens)
+            if lm is not None
+            else None
+        )
 
     # ------------------------------------------------------------------ RPCs
     @handle_errors
@@ -101,19 +133,44 @@ class HSAEServicer(pb_grpc.HSAEServicer):
         )
 
     @handle_errors
+    @_gated
     def Encode(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         with self.batcher.arriving():  # the batcher holds its batch open for this request
             parsed, job, tokens = self._prepare(request, context)
             future = self.batcher.submit(job)
-        out = self.batcher.result(job, future, timeout=_remaining(context))
+        out = self._wait(job, future, context)
         return self._respond(parsed, out, tokens)
 
     @handle_errors
     def EncodeStream(  # noqa: N802
         self, request_iterator: Iterator[Any], context: grpc.ServicerContext
     ) -> Iterator[Any]:
+        # A reader thread parses and submits request N+1 while this loop waits for N's
+        # result; ``pending`` holds at most ``stream_window`` submitted items (back-pressure).
         pending: queue.Queue[object] = queue.Queue(maxsize=self.limits.stream_window)
+        activity = _StreamActivity()
 
+        def wake() -> None:  # the gate's shutdown news; a full queue re-checks after each item
+            with contextlib.suppress(queue.Full):
+                pending.put_nowait(_WAKE)
+
+        with self.gate.stream(wake):
+            reader = threading.Thread(
+                target=self._read_stream,
+                args=(request_iterator, context, pending, activity),
+                name="hsae-stream-reader",
+                daemon=True,
+            )
+            reader.start()
+            yield from self._answer_stream(pending, activity, context)
+
+    def _read_stream(
+        self,
+        request_iterator: Iterator[Any],
+        context: grpc.ServicerContext,
+        pending: queue.Queue[object],
+        activity: _StreamActivity,
+    ) -> None:
         def put(item: object) -> bool:
             while True:
                 try:
@@ -123,38 +180,70 @@ class HSAEServicer(pb_grpc.HSAEServicer):
                     if not context.is_active():
                         return False
 
-        def read() -> None:
-            # Runs beside the response loop so request N+1 is batched while N is computed.
-            try:
-                for request in request_iterator:
-                    start = time.perf_counter()
-                    try:
-                        with self.batcher.arriving():
-                            parsed, job, tokens = self._prepare(request, context)
-                            future = self.batcher.submit(job)
-                    except Exception as err:  # noqa: BLE001 - answered in-stream below
-                        parsed, tokens, future = None, None, Future()
-                        future.set_exception(err)
-                    if not put((request.request_id, parsed, tokens, future, start)):
-                        return
-            except Exception as err:  # noqa: BLE001 - the client went away mid-stream
-                log.debug("EncodeStream reader ended: %s", err)
-            finally:
-                put(_END)
+        try:
+            for request in request_iterator:
+                activity.busy = True
+                activity.touch()
+                start = time.perf_counter()
+                job: Job | None = None
+                try:
+                    self.gate.check_open()  # items received while draining answer UNAVAILABLE
+                    with self.batcher.arriving():
+                        parsed, job, tokens = self._prepare(request, context)
+                        future = self.batcher.submit(job)
+                except Exception as err:  # noqa: BLE001 - answered in-stream
+                    parsed, tokens, future = None, None, Future()
+                    future.set_exception(err)
+                ok = put((request.request_id, parsed, tokens, job, future, start))
+                activity.busy = False
+                if not ok:
+                    return
+        except Exception as err:  # noqa: BLE001 - the client went away mid-stream
+            log.debug("EncodeStream reader ended: %s", err)
+        finally:
+            activity.busy = False
+            put(_END)
 
-        threading.Thread(target=read, name="hsae-stream-reader", daemon=True).start()
+    def _answer_stream(
+        self,
+        pending: queue.Queue[object],
+        activity: _StreamActivity,
+        context: grpc.ServicerContext,
+    ) -> Iterator[Any]:
+        """Answer the reader's items in order; end the stream when the client half-closes, when
+        it sent nothing for ``stream_idle_timeout_s`` (DEADLINE_EXCEEDED), or on shutdown once
+        every item received is answered (UNAVAILABLE)."""
+        idle_limit = self.limits.stream_idle_timeout_s
         while True:
-            item = pending.get()
+            if self.gate.draining:
+                # Read ``busy`` before ``empty``: the reader clears it only after its put.
+                if not activity.busy and pending.empty():
+                    raise ShuttingDownError(STREAM_DRAINED)
+                timeout = 0.05  # the reader is finishing an item: it comes in a moment
+            else:
+                timeout = max(activity.last + idle_limit - time.monotonic(), 0.0)
+            try:
+                item = pending.get(timeout=timeout)
+            except queue.Empty:
+                if self.gate.draining or activity.busy:
+                    continue
+                if time.monotonic() - activity.last >= idle_limit:
+                    raise StreamIdleError(
+                        f"the stream sent nothing for {idle_limit:g} s (the server's "
+                        "--stream-idle-timeout-s) and was closed; open a new stream when "
+                        "there is work to send"
+                    ) from None
+                continue
             if item is _END:
                 return
-            request_id, parsed, tokens, future, start = item  # type: ignore[misc]
+            if item is _WAKE:
+                continue
+            request_id, parsed, tokens, job, future, start = item  # type: ignore[misc]
             try:
-                out = future.result(timeout=_remaining(context))
+                out = self._wait(job, future, context)
                 response = self._respond(parsed, out, tokens)
                 log.debug("EncodeStream item %r OK %.1f ms", request_id, _ms(start))
             except Exception as err:  # noqa: BLE001 - mapped by the one status table
-                if isinstance(err, TimeoutError):
-                    err = DeadlineError("deadline exceeded while waiting for the batch")
                 code, message = status_for(err)
                 log.debug("EncodeStream item %r %s: %s", request_id, code.name, message)
                 response = pb.EncodeResponse(
@@ -162,8 +251,10 @@ class HSAEServicer(pb_grpc.HSAEServicer):
                     error=pb.RequestError(code=code.value[0], message=message),
                 )
             yield response
+            activity.touch()  # the idle clock restarts once the client has its answer
 
     @handle_errors
+    @_gated
     def Decode(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         parsed = convert.decode_request_from_pb(
             request, self.config, self.limits.max_request_tokens
@@ -175,6 +266,21 @@ class HSAEServicer(pb_grpc.HSAEServicer):
         return convert.decode_response_to_pb(parsed, recons)
 
     # ------------------------------------------------------------------ helpers
+    def _wait(
+        self, job: Job | None, future: Future[EncodeOutput], context: grpc.ServicerContext
+    ) -> EncodeOutput:
+        """The job's result, within the client's deadline and the server's shutdown grace."""
+        try:
+            return self.gate.wait(future, _remaining(context))
+        except TimeoutError:
+            if job is not None:
+                job.cancel()
+            raise DeadlineError("deadline exceeded while waiting for the batch") from None
+        except ShuttingDownError:
+            if job is not None:
+                job.cancel()
+            raise
+
     def _prepare(
         self, request: Any, context: grpc.ServicerContext
     ) -> tuple[EncodeInput, Job, TokenInfo | None]:
@@ -207,7 +313,8 @@ class HSAEServicer(pb_grpc.HSAEServicer):
 
         tokenizer = self.lm.tokenizer
         if parsed.kind == "text":
-            ids = list(tokenizer(parsed.text, add_special_tokens=True)["input_ids"])
+            assert self._text is not None and parsed.text is not None
+            ids = self._text(parsed.text)  # refuses over-long text before tokenising it all
         else:
             ids = parsed.token_ids
             bad = [i for i in ids if not 0 <= i < self._vocab]
