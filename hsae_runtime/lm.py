@@ -6,7 +6,10 @@
   submodule path) and the TransformerLens names users know (``blocks.12.hook_resid_post``,
   ``blocks.12.hook_resid_pre``). :func:`resolve_hookpoint` maps both to a :class:`Hookpoint`.
 * :func:`capture` runs the LM only as far as the hookpoint: the hook stores the activation and
-  raises a private exception, so later blocks and the LM head never run.
+  raises a private exception, so later blocks and the LM head never run. Given a
+  :class:`PrefixCache`, it runs one chunk of a longer sequence on top of the KV cache of the
+  chunks before it (same activations as one forward over the whole sequence, in a fraction of
+  the time per call: a server interleaves the chunks with other work).
 * :func:`splice` runs the full LM with the hookpoint's output replaced by ``replace(x)``.
 
 Hooks live only for one call and act only in the thread that registered them, so concurrent
@@ -15,12 +18,14 @@ calls on one shared model (a server) never see each other's hooks.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache as memoize
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -270,13 +275,42 @@ def _check_ids(lm: LoadedLM, input_ids: Tensor, attention_mask: Tensor | None) -
     return input_ids, attention_mask
 
 
+@dataclass
+class PrefixCache:
+    """What :func:`capture` keeps between the chunks of one batch of sequences.
+
+    Create an empty one per batch and pass it to every chunk, in order. Only the blocks up to
+    the hookpoint run, so only their keys and values are cached: later blocks never need them.
+    """
+
+    kv: Any = None
+    """The LM's KV cache (a transformers ``DynamicCache``, sliding-window layers included),
+    created by the first chunk."""
+    mask: Tensor | None = None
+    """``[B, T_past]`` attention mask of the positions already run (1 = token, 0 = padding)."""
+
+    @property
+    def length(self) -> int:
+        """``T_past``: positions already run."""
+        return 0 if self.mask is None else int(self.mask.shape[1])
+
+
 def capture(
     lm: LoadedLM,
     hookpoint: Hookpoint | str,
     input_ids: Tensor,
     attention_mask: Tensor | None = None,
+    *,
+    cache: PrefixCache | None = None,
 ) -> Tensor:
-    """Activations at the hookpoint, ``[B, T, d_model]``, running the LM only that far."""
+    """Activations at the hookpoint, ``[B, T, d_model]``, running the LM only that far.
+
+    With ``cache``, ``input_ids [B, T]`` and ``attention_mask [B, T]`` are the next chunk of
+    sequences whose first ``cache.length`` positions earlier calls ran: the chunk attends to
+    them through the KV cache, sits at positions ``cache.length ..`` and its activations equal
+    those of one forward over the whole sequences (the same right padding included). The
+    cache is extended in place.
+    """
     hp = _as_hookpoint(lm, hookpoint)
     input_ids, attention_mask = _check_ids(lm, input_ids, attention_mask)
     box: list[Tensor] = []
@@ -285,13 +319,50 @@ def capture(
         box.append(x.detach())
         raise _StopForward
 
+    kwargs: dict[str, Any] = {"attention_mask": attention_mask, "use_cache": False}
+    if cache is not None:
+        kwargs = _cached_forward_kwargs(lm, input_ids, attention_mask, cache)
     with torch.inference_mode(), hook(lm.model, hp, grab):
         try:
-            lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            lm.model(input_ids=input_ids, **kwargs)
         except _StopForward:
             pass
     assert box, "the hookpoint never ran"
+    if cache is not None:
+        cache.mask = kwargs["attention_mask"]
     return box[0]
+
+
+def _cached_forward_kwargs(
+    lm: LoadedLM, input_ids: Tensor, attention_mask: Tensor | None, cache: PrefixCache
+) -> dict[str, Any]:
+    """Forward arguments for one chunk on top of ``cache``: the KV cache, the attention mask of
+    all positions so far ``[B, T_past + T]`` and explicit positions ``[1, T]`` (a hookpoint
+    before block 0 leaves the KV cache empty, so its length cannot give them)."""
+    from transformers import DynamicCache
+
+    b, t = input_ids.shape
+    chunk_mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+    if cache.mask is not None and cache.mask.shape[0] != b:
+        raise InputError(f"chunk of batch size {b} on a cache of batch size {cache.mask.shape[0]}")
+    if cache.kv is None:
+        cache.kv = DynamicCache(config=cast(Any, lm.model).config)
+    full_mask = chunk_mask if cache.mask is None else torch.cat([cache.mask, chunk_mask], dim=1)
+    positions = torch.arange(cache.length, cache.length + t, device=input_ids.device)[None]
+    return {
+        "attention_mask": full_mask,
+        "position_ids": positions,
+        _cache_keyword(type(lm.model)): cache.kv,
+        "use_cache": True,
+    }
+
+
+@memoize
+def _cache_keyword(model_class: type) -> str:
+    """The forward's name for the KV cache: ``cache`` (transformers >= 5.2x) or
+    ``past_key_values`` (earlier; an unknown keyword would be silently ignored)."""
+    params = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def splice(

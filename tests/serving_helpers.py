@@ -62,7 +62,7 @@ def start_server(sae: SAE, lm=None, *, delay: float = 0.0, **batching) -> srv.Ru
         backend,
         lm=lm,
         hookpoint=HOOKPOINT,
-        capture=lambda ids, mask: capture(lm, HOOKPOINT, ids, mask),
+        capture=lambda ids, mask, cache=None: capture(lm, HOOKPOINT, ids, mask, cache=cache),
         options=options,
     )
 

@@ -27,6 +27,11 @@ def serve(
     backend: str = typer.Option("torch", help="SAE backend: torch or onnx."),
     lm_dtype: str = typer.Option("float32", help="LM dtype: float32, float16 or bfloat16."),
     max_batch_tokens: int = typer.Option(8192, help="Most tokens in one batched forward."),
+    max_chunk_tokens: int = typer.Option(
+        512,
+        help="Longer requests run in chunks of this many tokens (or rows), interleaved with "
+        "other requests: nobody waits for more than one chunk of a long one. 0 = never split.",
+    ),
     max_wait_ms: float = typer.Option(
         5.0,
         help="Most ms the free worker holds a batch open for more requests (raise it, e.g. "
@@ -71,6 +76,7 @@ def serve(
             max_batch_tokens=max_batch_tokens,
             max_wait_ms=max_wait_ms,
             max_queue=max_queue,
+            max_chunk_tokens=max_chunk_tokens,
             batching=not no_batching,
         ),
         tls_cert=tls_cert,

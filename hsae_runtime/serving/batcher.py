@@ -22,6 +22,15 @@ letting latency grow without bound. One worker thread owns the models:
    prefixes, so each job slices ``[:, :k]`` for its own budget;
 5. computes per-job reconstructions / FVU and resolves each job's future.
 
+Long jobs run in chunks, interleaved with the rest: a job over ``max_chunk_tokens`` (LM tokens
+or activation rows) never joins a batch; it waits in a round-robin line of long jobs, and
+each turn of the worker runs one batch of whatever short jobs are queued (without waiting for
+more) and then one chunk of the next long job (:class:`~hsae_runtime.serving.chunks.ChunkedJob`:
+its LM chunk runs on the KV cache of the chunks before it, so its activations are unchanged,
+and its rows are encoded at once). A short request therefore waits for at most one chunk, not
+for the longest request in the queue. Cancellation and deadlines are checked before every
+chunk; a failing chunk fails only its own job. Jobs that fit one chunk are batched as above.
+
 If a batch fails, its jobs are retried one by one so one bad job cannot fail its neighbours.
 One worker (not a pool) because the models are shared and a single CPU/GPU stream is the
 bottleneck anyway; parallelism comes from batching. ``stats`` counts batches and LM forwards
@@ -39,13 +48,16 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from hsae_runtime.lm import PrefixCache
 from hsae_runtime.sae import SparseCode, per_token_fvu
 from hsae_runtime.serving.backend import Backend
+from hsae_runtime.serving.chunks import ChunkedJob
 from hsae_runtime.serving.convert import EncodeOutput, HostArray, as_tensor
 from hsae_runtime.serving.errors import (
     CancelledError,
@@ -72,6 +84,10 @@ class BatcherConfig:
     max_queue: int = 256
     """Most jobs waiting; beyond it requests get RESOURCE_EXHAUSTED."""
 
+    max_chunk_tokens: int = 512
+    """Longer jobs (LM tokens or activation rows) run in chunks of this size, interleaved with
+    other jobs, so no request waits for more than one chunk of a long one. 0 never splits."""
+
     batching: bool = True
     """False runs every job alone (one forward / encode per request): for benchmarks."""
 
@@ -84,6 +100,10 @@ class BatcherConfig:
             raise ValueError(f"BatcherConfig.max_wait_ms must be >= 0, got {self.max_wait_ms}")
         if self.max_queue < 1:
             raise ValueError(f"BatcherConfig.max_queue must be >= 1, got {self.max_queue}")
+        if self.max_chunk_tokens < 0:
+            raise ValueError(
+                f"BatcherConfig.max_chunk_tokens must be >= 0, got {self.max_chunk_tokens}"
+            )
 
 
 @dataclass
@@ -138,22 +158,33 @@ class BatcherStats:
     encodes: int = 0
     rows: int = 0
     dropped: int = 0
+    chunks: int = 0
+    """Chunks of long jobs run (each one LM forward or one slice of activation rows)."""
 
 
 _STOP = object()
 
 
+class Capture(Protocol):
+    """The LM up to the hookpoint: ``token_ids [B, T]``, ``attention_mask [B, T]`` ->
+    ``[B, T, d_in]`` (:func:`hsae_runtime.lm.capture`). With ``cache`` the call is the next
+    chunk of sequences whose earlier chunks ran with the same cache."""
+
+    def __call__(
+        self, token_ids: Tensor, attention_mask: Tensor, cache: PrefixCache | None = None, /
+    ) -> Tensor: ...
+
+
 class Batcher:
     """Owns the models; turns queued :class:`Job` s into batched forwards and encodes.
 
-    ``capture(token_ids [B, T], attention_mask [B, T]) -> [B, T, d_in]`` runs the LM up to the
-    hookpoint (``None`` on a ``--no-lm`` server).
+    ``capture`` runs the LM up to the hookpoint (``None`` on a ``--no-lm`` server).
     """
 
     def __init__(
         self,
         backend: Backend,
-        capture: Callable[[Tensor, Tensor], Tensor] | None,
+        capture: Capture | None,
         config: BatcherConfig | None = None,
         *,
         pad_id: int = 0,
@@ -167,6 +198,7 @@ class Batcher:
         self._closed = False
         self._lock = threading.Lock()
         self._carry: deque[Job] = deque()
+        self._long: deque[ChunkedJob] = deque()  # long jobs in progress, run a chunk per turn
         self._target_jobs = 1  # expected jobs: stop waiting once this many joined (see _run)
         self._arriving = 0  # requests being parsed that will submit a job (see arriving())
         self._center = backend.fvu_center()
@@ -236,37 +268,93 @@ class Batcher:
     def _run(self) -> None:
         stopping = False
         free_at = 0.0
-        while not stopping:
-            first = self._next(None)
-            if first is _STOP:
+        while not stopping or self._carry or self._long:
+            batch, stop_seen = self._gather(free_at, block=not stopping)
+            stopping = stopping or stop_seen
+            if batch:
+                self._process(batch)
+                # Closed-loop clients come back: expect the batch just answered plus what
+                # queued meanwhile (a lone client gives 1, so it never waits).
+                self._target_jobs = len(batch) + self._queue.qsize() + len(self._carry)
+            if self._long:
+                self._run_chunk()
+            free_at = time.monotonic()
+
+    def _gather(self, free_at: float, *, block: bool) -> tuple[list[Job], bool]:
+        """The next batch of short jobs (maybe none) and whether STOP was seen.
+
+        Long jobs met on the way join the line of chunked jobs instead. While that line is not
+        empty the batch takes only what is already queued: the worker has work to do.
+        """
+        batch: list[Job] = []
+        wait_until = 0.0
+        while True:
+            if not batch:
+                timeout = None if block and not self._long else 0.0
+            elif not self.config.batching or _padded_cost(batch) >= self.config.max_batch_tokens:
                 break
-            assert isinstance(first, Job)
-            batch = [first]
-            # The wait counts from when the worker is free to run the batch: a job queued
-            # while the previous batch ran has not been held back by batching.
-            wait_until = max(first.enqueued, free_at) + self.config.max_wait_ms / 1e3
-            while self.config.batching and _padded_cost(batch) < self.config.max_batch_tokens:
+            else:
                 # Once the expected jobs have joined, take only what is already queued.
                 full = len(batch) >= self._target_jobs and self._arriving == 0
-                try:
-                    item = self._next(0.0 if full else wait_until - time.monotonic())
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    stopping = True
-                    break
-                assert isinstance(item, Job)
-                if _padded_cost([*batch, item]) > self.config.max_batch_tokens:
-                    self._carry.append(item)
-                    break
-                batch.append(item)
-            self._process(batch)
-            free_at = time.monotonic()
-            # Closed-loop clients come back: expect the batch just answered plus what queued
-            # meanwhile (a lone client gives 1, so it never waits).
-            self._target_jobs = len(batch) + self._queue.qsize() + len(self._carry)
-        while self._carry:  # jobs carried over when STOP arrived
-            self._process([self._carry.popleft()])
+                timeout = 0.0 if full or self._long else wait_until - time.monotonic()
+            try:
+                item = self._next(timeout)
+            except queue.Empty:
+                break
+            if item is _STOP:
+                return batch, True
+            assert isinstance(item, Job)
+            if 0 < self.config.max_chunk_tokens < item.cost:
+                self._long.append(ChunkedJob(item, self.config.max_chunk_tokens))
+                continue
+            if not batch:
+                # The wait counts from when the worker is free to run the batch: a job queued
+                # while the previous batch ran has not been held back by batching.
+                wait_until = max(item.enqueued, free_at) + self.config.max_wait_ms / 1e3
+            elif _padded_cost([*batch, item]) > self.config.max_batch_tokens:
+                self._carry.append(item)
+                break
+            batch.append(item)
+        return batch, False
+
+    def _run_chunk(self) -> None:
+        """One chunk of the next long job, which then goes to the back of the line."""
+        chunked = self._long.popleft()
+        job = chunked.job
+        if not self._still_wanted(job):
+            return
+        try:
+            out = self._compute_chunk(chunked)
+        except Exception as err:  # noqa: BLE001 - the chunk's job fails, nothing else
+            job.future.set_exception(err)
+            return
+        if out is not None:
+            chunked.parts.append(out)
+        chunked.done = chunked.next_span()[1]
+        if chunked.finished:
+            job.future.set_result(chunked.result(self.backend.config.d_in))
+        else:
+            self._long.append(chunked)
+
+    def _compute_chunk(self, chunked: ChunkedJob) -> EncodeOutput | None:
+        """Run and encode the next chunk's rows; ``None`` if it keeps none."""
+        job = chunked.job
+        start, end = chunked.next_span()
+        rows: HostArray
+        if job.lm_input is None:
+            assert job.activations is not None
+            rows = job.activations[start:end]  # (t, d_in)
+        else:
+            assert self.capture is not None, "LM job on a server without an LM"
+            ids = job.lm_input.token_ids[None, start:end]  # (1, t)
+            hidden = self.capture(ids, torch.ones_like(ids), chunked.cache)  # (1, t, d_in)
+            self.stats.lm_forwards += 1
+            rows = hidden[0][job.lm_input.keep[start:end].to(hidden.device)]
+        self.stats.chunks += 1
+        if rows.shape[0] == 0:
+            return None
+        piece = Job(job.budgets, job.reconstructions, job.fvu, activations=rows)
+        return self._compute([piece])[0]
 
     def _process(self, batch: list[Job]) -> None:
         live = [job for job in batch if self._still_wanted(job)]
@@ -289,7 +377,7 @@ class Batcher:
         if job.cancelled or not job.is_active():
             job.future.set_exception(CancelledError("the request was cancelled"))
         elif job.deadline is not None and time.monotonic() > job.deadline:
-            job.future.set_exception(DeadlineError("deadline exceeded before the batch ran"))
+            job.future.set_exception(DeadlineError("deadline exceeded before the request was run"))
         else:
             return True
         self.stats.dropped += 1

@@ -231,7 +231,8 @@ def start(
     options: ServerOptions | None = None,
     version: str | None = None,
 ) -> RunningServer:
-    """Start serving ``backend`` (and ``lm`` via ``capture(ids, mask)``) in background threads."""
+    """Start serving ``backend`` (and ``lm`` via ``capture(ids, mask, cache=None)``, see
+    :class:`~hsae_runtime.serving.batcher.Capture`) in background threads."""
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
 
@@ -358,8 +359,8 @@ def load_and_start(
             hint="serve the SAE with the LM it was trained on",
         )
 
-    def run_lm(ids: Any, mask: Any) -> Any:
-        return capture(lm, hp, ids, mask)
+    def run_lm(ids: Any, mask: Any, cache: Any = None) -> Any:
+        return capture(lm, hp, ids, mask, cache=cache)
 
     return start(sae_backend, lm=lm, hookpoint=hp_name, capture=run_lm, options=options)
 
