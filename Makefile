@@ -36,10 +36,14 @@ test-slow: install
 demo: install
 	$(BIN)/python -m hsae_runtime.demo
 
-# Issue 6's experiment: one HierarchicalTopK SAE vs TopK SAEs on Gemma-3 270M (~1 h, docs/pareto.md).
+# The Pareto experiment: one HierarchicalTopK SAE vs TopK SAEs on Gemma-3 270M, in two settings
+# (docs/pareto.md). PARETO_SETTINGS picks them, PARETO_ARGS adds flags to each.
 PARETO_OUT ?= runs/pareto
+PARETO_SETTINGS ?= layer9-4096 layer5-8192
 pareto: install
-	$(BIN)/python benchmarks/pareto.py --out $(PARETO_OUT) $(PARETO_ARGS)
+	@for s in $(PARETO_SETTINGS); do \
+		$(BIN)/python benchmarks/pareto.py --setting $$s --out $(PARETO_OUT)/$$s $(PARETO_ARGS) || exit 1; \
+	done
 
 bench: install
 	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done

@@ -9,7 +9,11 @@ Public API::
     recons = sae.reconstruct(x, [8, 16, 32]) # [3, N, d_in] from one encode
 """
 
-from hsae_runtime.config import SAEConfig
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from hsae_runtime.errors import (
     ConfigError,
     DataError,
@@ -18,8 +22,33 @@ from hsae_runtime.errors import (
     InputError,
     ModelFileError,
 )
-from hsae_runtime.loss import hierarchical_topk_loss, topk_loss
-from hsae_runtime.sae import SAE, SparseCode, fvu, per_token_fvu
+
+if TYPE_CHECKING:
+    from hsae_runtime.config import SAEConfig
+    from hsae_runtime.loss import hierarchical_topk_loss, topk_loss
+    from hsae_runtime.sae import SAE, SparseCode, fvu, per_token_fvu
+
+# torch-backed names load on first use, so `import hsae_runtime` (and the CLI's --help) stays
+# light; anything else is an AttributeError as usual.
+_LAZY = {
+    "SAEConfig": "hsae_runtime.config",
+    "hierarchical_topk_loss": "hsae_runtime.loss",
+    "topk_loss": "hsae_runtime.loss",
+    "SAE": "hsae_runtime.sae",
+    "SparseCode": "hsae_runtime.sae",
+    "fvu": "hsae_runtime.sae",
+    "per_token_fvu": "hsae_runtime.sae",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'hsae_runtime' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __version__ = "0.1.0"
 

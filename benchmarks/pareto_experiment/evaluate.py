@@ -64,27 +64,41 @@ def _ce_contexts(lm: Any, eval_txt: Path, context: int, n_tokens: int) -> list[T
     return contexts[::step][:need]
 
 
-def _ce_per_token(lm: Any, hidden: Tensor, ids: Tensor, chunk: int) -> Tensor:
-    """Next-token CE ``[M, T-1]`` from final hidden states ``[M, T, d]`` (chunked LM head)."""
+def _ce_kl_per_token(lm: Any, hidden: Tensor, clean: Tensor, ids: Tensor,
+                     chunk: int) -> tuple[Tensor, Tensor]:
+    """Next-token CE and KL(clean ‖ spliced), each ``[M, T-1]``, from final hidden states.
+
+    ``hidden [M, T, d]`` are the spliced runs, ``clean [T, d]`` the clean run; logits are made
+    ``chunk`` positions at a time (the clean chunk once for all M) and never kept.
+    """
     head = lm.model.get_output_embeddings().weight  # (vocab, d)
     cfg = getattr(lm.model.config, "text_config", None) or lm.model.config
     cap = getattr(cfg, "final_logit_softcapping", None)
+
+    def logprobs(h: Tensor) -> Tensor:
+        logits = F.linear(h, head).float()  # (chunk, vocab)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return torch.log_softmax(logits, dim=-1)
+
     target = ids[1:]
-    out = torch.empty(hidden.shape[0], len(target))
-    for m in range(hidden.shape[0]):
-        for a in range(0, len(target), chunk):
-            logits = F.linear(hidden[m, :-1][a:a + chunk], head).float()  # (chunk, vocab)
-            if cap:
-                logits = torch.tanh(logits / cap) * cap
-            tgt = target[a:a + chunk]
-            out[m, a:a + chunk] = logits.logsumexp(-1) - logits.gather(-1, tgt[:, None])[:, 0]
-    return out
+    ce = torch.empty(hidden.shape[0], len(target))
+    kl = torch.empty(hidden.shape[0], len(target))
+    for a in range(0, len(target), chunk):
+        tgt = target[a:a + chunk]
+        ref = logprobs(clean[:-1][a:a + chunk])  # (chunk, vocab)
+        p_ref = ref.exp()
+        for m in range(hidden.shape[0]):
+            lp = logprobs(hidden[m, :-1][a:a + chunk])
+            ce[m, a:a + chunk] = -lp.gather(-1, tgt[:, None])[:, 0]
+            kl[m, a:a + chunk] = (p_ref * (ref - lp)).sum(-1).clamp_min(0.0)
+    return ce, kl
 
 
 @torch.no_grad()
 def eval_ce(s: Settings, lm: Any, saes: dict[str, Any], eval_txt: Path, out: Path,
             on_context: Any = None) -> dict:
-    """CE delta of every (SAE, k) on a subset of eval contexts; partial results saved."""
+    """CE delta and KL of every (SAE, k) on a subset of eval contexts; partial results saved."""
     from hsae_runtime.lm import hook, next_token_loss, resolve_hookpoint, special_token_mask, splice
 
     configs = ce_configs(s, list(saes))
@@ -95,8 +109,9 @@ def eval_ce(s: Settings, lm: Any, saes: dict[str, Any], eval_txt: Path, out: Pat
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     key = [s.ce_tokens, s.context, [list(c) for c in configs]]
     if state.get("key") != key:
-        state = {"key": key, "done": 0, "tokens": 0,
-                 "clean": 0.0, "sums": {f"{n}@{k}": 0.0 for n, k in configs}}
+        state = {"key": key, "done": 0, "tokens": 0, "clean": 0.0,
+                 "sums": {f"{n}@{k}": 0.0 for n, k in configs},
+                 "kl": {f"{n}@{k}": 0.0 for n, k in configs}}
     t0 = time.perf_counter()
     for ci in range(state["done"], len(contexts)):
         ids = contexts[ci]
@@ -114,6 +129,7 @@ def eval_ce(s: Settings, lm: Any, saes: dict[str, Any], eval_txt: Path, out: Pat
         groups = [[None] + configs[: s.ce_group - 1]]
         rest = configs[s.ce_group - 1:]
         groups += [rest[i:i + s.ce_group] for i in range(0, len(rest), s.ce_group)]
+        clean_hidden: Tensor | None = None
         for group in groups:
             def swap(x: Tensor, group=group) -> Tensor:  # (1, T, d) -> (M, T, d)
                 if not recon:
@@ -122,13 +138,16 @@ def eval_ce(s: Settings, lm: Any, saes: dict[str, Any], eval_txt: Path, out: Pat
 
             with hook(lm.model, hp, swap):
                 hidden = base(input_ids=ids[None], use_cache=False).last_hidden_state
-            ce = _ce_per_token(lm, hidden, ids, s.ce_chunk)  # (M, T-1)
-            for c, row in zip(group, ce):
+            if clean_hidden is None:
+                clean_hidden = hidden[0]  # group 0 starts with the clean run
+            ce, kl = _ce_kl_per_token(lm, hidden, clean_hidden, ids, s.ce_chunk)  # (M, T-1)
+            for c, row, kl_row in zip(group, ce, kl):
                 total = float((row * count).sum())
                 if c is None:
                     state["clean"] += total
                 else:
                     state["sums"][f"{c[0]}@{c[1]}"] += total
+                    state["kl"][f"{c[0]}@{c[1]}"] += float((kl_row * count).sum())
                 if ci == 0 and c is not None and c == configs[0]:
                     _cross_check(lm, hp, ids, keep, recon[c], row, splice, next_token_loss)
         state["tokens"] += int(count.sum())
@@ -144,7 +163,8 @@ def _ce_summary(state: dict[str, Any], n_contexts: int) -> dict[str, Any]:
     n = max(1, state["tokens"])
     return {"tokens": state["tokens"], "contexts_done": state["done"], "contexts": n_contexts,
             "clean_ce": state["clean"] / n,
-            "delta": {key: v / n - state["clean"] / n for key, v in state["sums"].items()}}
+            "delta": {key: v / n - state["clean"] / n for key, v in state["sums"].items()},
+            "kl": {key: v / n for key, v in state.get("kl", {}).items()}}
 
 
 def ce_configs(s: Settings, names: list[str]) -> list[tuple[str, int]]:

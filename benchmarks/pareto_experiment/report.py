@@ -18,8 +18,12 @@ def write_report(s: Settings, results: dict[str, Any], out: Path) -> None:
     def row(name: str, fmt, key: str) -> str:
         cells = []
         for k in ks:
-            value = (fvu[name][str(k)][key] if key != "ce"
-                     else ce.get("delta", {}).get(f"{name}@{k}"))
+            if key in ("ce", "kl"):
+                value = ce.get("delta" if key == "ce" else "kl", {}).get(f"{name}@{k}")
+            elif key.startswith("val:"):
+                value = results.get("fvu_val", {}).get(name, {}).get(str(k), {}).get(key[4:])
+            else:
+                value = fvu[name][str(k)][key]
             text = "–" if value is None else fmt(value)
             cells.append(f"**{text}**" if k == trained[name] else text)
         return f"| {name} | " + " | ".join(cells) + " |"
@@ -35,8 +39,24 @@ def write_report(s: Settings, results: dict[str, Any], out: Path) -> None:
                   f"{ce['contexts_done']}/{ce['contexts']} contexts, "
                   f"clean CE {ce['clean_ce']:.4f})", "",
                   head, *[row(n, lambda v: f"{v:+.4f}", "ce") for n in names], ""]
+        if ce.get("kl"):
+            lines += ["### KL(clean ‖ spliced) (nats/token), same tokens", "",
+                      head, *[row(n, lambda v: f"{v:.4f}", "kl") for n in names], ""]
     lines += ["### Dead latents (% never firing on the eval part at that budget)", "",
               head, *[row(n, lambda v: f"{v:.1f}", "dead_pct") for n in names], ""]
+    if results.get("fvu_val"):
+        lines += ["### FVU on the validation documents (what choices are made on)", "",
+                  head, *[row(n, lambda v: f"{v:.4f}", "val:fvu") for n in names], ""]
+    train_stats = results.get("training", {})
+    if any("best_val_loss" in st for st in train_stats.values()):
+        lines += ["### Overfitting check: final training loss vs best validation loss "
+                  "(same objective, scaled units)", "",
+                  "| SAE | train loss (last 20 steps) | best validation loss | at step | steps |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {n} | {st['final_loss']:.5f} | {st.get('best_val_loss', float('nan')):.5f}"
+                  f" | {st.get('best_step', '–')} | {st['steps']} |"
+                  for n, st in train_stats.items()]
+        lines += [""]
     summary = results["summary"]
     lines += ["### Claims", "", "| quantity | value |", "|---|---|"]
     lines += [f"| {key} | {value:.3f} |" if isinstance(value, float) else f"| {key} | {value} |"
@@ -96,9 +116,15 @@ def plot(s: Settings, results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def summarise(s: Settings, fvu: dict, timing: dict[str, float], stats: dict) -> dict[str, Any]:
+def summarise(s: Settings, fvu: dict, timing: dict[str, float], stats: dict,
+              ce: dict | None = None, fvu_val: dict | None = None) -> dict[str, Any]:
     h = f"htopk{s.k_max}"
     out: dict[str, Any] = {}
+    for k in s.topk_ks:
+        a = (fvu_val or {}).get(h, {}).get(str(k), {}).get("fvu")
+        b = (fvu_val or {}).get(f"topk{k}", {}).get(str(k), {}).get("fvu")
+        if a is not None and b is not None:
+            out[f"validation FVU ratio HTopK/TopK-{k} at k={k}"] = a / b
 
     def at(name: str, k: int, key: str) -> float | None:
         return fvu.get(name, {}).get(str(k), {}).get(key)
@@ -113,6 +139,12 @@ def summarise(s: Settings, fvu: dict, timing: dict[str, float], stats: dict) -> 
         a, b = at(top, low, key), at(h, low, key)
         if a is not None and b is not None:
             out[f"{label} {top} read at k={low} / HTopK at k={low}"] = a / b
+    for key, label in (("delta", "CE delta"), ("kl", "KL")):
+        values = (ce or {}).get(key, {})
+        for k in s.topk_ks:
+            a, b = values.get(f"{h}@{k}"), values.get(f"topk{k}@{k}")
+            if a is not None and b is not None:
+                out[f"{label} HTopK − TopK-{k} at k={k} (nats)"] = a - b
     for name, t in timing.items():
         if name != h:
             out[f"step time HTopK / {name} (interleaved, median)"] = timing[h] / t

@@ -118,7 +118,7 @@ def run(s: Settings) -> dict[str, Any]:
 
     def save() -> None:
         results["summary"] = summarise(s, results["fvu"], results["step_time_s"],
-                                       results["training"])
+                                       results["training"], results["ce"], results["fvu_val"])
         write_report(s, results, out)
         (out / "results.json").write_text(json.dumps(results, indent=2))
 

@@ -61,6 +61,13 @@ class Settings:
     quick: bool = False
 
 
+PRESETS: dict[str, dict[str, Any]] = {
+    "layer9-4096": {"hookpoint": "model.layers.9", "d_sae": 4096},
+    "layer5-8192": {"hookpoint": "model.layers.5", "d_sae": 8192},
+}
+"""The two settings ``make pareto`` runs (``--setting NAME``), so a recipe is not tuned to one."""
+
+
 def cache_root(s: Settings) -> Path:
     """Folder of the document split and activation caches (the cache is keyed on its paths)."""
     return Path(s.cache_dir or s.out)
@@ -80,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--out", required=True, help="folder for caches, models and results")
     p.add_argument("--quick", action="store_true",
                    help="tiny random Gemma-2, small SAEs, few tokens: an end-to-end smoke run")
+    p.add_argument("--setting", choices=sorted(PRESETS),
+                   help="a named setting (hookpoint and width); explicit flags override it")
     p.add_argument("--lm", help="hub id, folder or .gguf (default: Gemma-3 270M from PyPI)")
     p.add_argument("--hookpoint")
     p.add_argument("--data", help=f"text file (default {DEFAULT_DATA})")
@@ -107,8 +116,10 @@ def parse_args(argv: list[str] | None = None) -> Settings:
                     context=128, lm_batch=8, max_docs=20, tokens=16_384, batch_tokens=256,
                     lr=2e-3, ce_tokens=512, ce_chunk=128, timing_rounds=2, timing_steps=2,
                     hookpoint="model.layers.1", quick=True)
+    if a.setting:
+        base.update(PRESETS[a.setting])
     for key, value in vars(a).items():
-        if value is None or key == "quick":
+        if value is None or key in ("quick", "setting"):
             continue
         if key in ("topk_ks", "eval_ks", "ce_ks"):
             value = tuple(int(v) for v in value.split(","))

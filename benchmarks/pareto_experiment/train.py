@@ -69,7 +69,11 @@ def train_one(s: Settings, lm_name: str, train_txt: Path, block_contexts: int, o
     stats = {**want, "steps": result.steps, "tokens": result.tokens,
              "wall_s": result.wall_seconds, "sae_s": result.sae_seconds,
              "s_per_step": result.sae_seconds / max(1, result.steps),
-             "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:]))}
+             "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
+             "validation": result.validation}
+    if result.validation:
+        best = min(result.validation, key=lambda h: h["val_loss"])
+        stats.update(best_step=best["step"], best_val_loss=best["val_loss"])
     record.write_text(json.dumps(stats, indent=2))
     logger.info("%s: %d steps in %.0f s (%.3f s/step), final loss %.4f", name, result.steps,
                 result.wall_seconds, stats["s_per_step"], stats["final_loss"])
@@ -86,16 +90,19 @@ def time_steps(s: Settings, acts: Tensor) -> dict[str, float]:
     from hsae_runtime import loss as loss_mod
     from hsae_runtime.config import SAEConfig
     from hsae_runtime.sae import SAE
-    from hsae_runtime.training.optim import project_decoder_grad, renorm_decoder
+    from hsae_runtime.training.config import TrainConfig
+    from hsae_runtime.training.optim import PrefixBalance, project_decoder_grad, renorm_decoder
 
     scale = math.sqrt(acts.shape[1] / acts[:4096].pow(2).sum(-1).mean().item())
     gen = torch.Generator().manual_seed(s.seed)
     batches = [acts[torch.randint(len(acts), (s.batch_tokens,), generator=gen)] * scale
                for _ in range(s.timing_steps)]
+    power = s.prefix_balance if s.prefix_balance is not None else TrainConfig.prefix_balance
     runs = {}
     for name, objective, k in sae_specs(s):
         sae = SAE(SAEConfig(d_in=acts.shape[1], d_sae=s.d_sae, k_max=s.k_max))
         runs[name] = (sae, torch.optim.Adam(sae.parameters(), lr=s.lr or 1e-3), objective, k, [])
+    balance = PrefixBalance(s.k_max, list(range(1, s.k_max + 1)), power)
     for _ in range(s.timing_rounds):
         for _name, (sae, opt, objective, k, times) in runs.items():
             encode = getattr(sae, "encode_for_training", sae.encode)
@@ -103,8 +110,9 @@ def time_steps(s: Settings, acts: Tensor) -> dict[str, float]:
                 t0 = time.perf_counter()
                 code = encode(x, k)
                 if objective == "hierarchical":
-                    loss = loss_mod.hierarchical_topk_loss(x, code.values, code.indices,
-                                                           sae.W_dec, sae.b_dec)
+                    loss = loss_mod.hierarchical_topk_loss(
+                        x, code.values, code.indices, sae.W_dec, sae.b_dec,
+                        weights=balance.weights(x, code, sae))  # the trainer's prefix weights
                 else:
                     loss = loss_mod.topk_loss(x, code.values, code.indices, sae.W_dec, sae.b_dec)
                 opt.zero_grad(set_to_none=True)

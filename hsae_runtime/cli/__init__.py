@@ -15,19 +15,12 @@ import sys
 
 import typer
 
-from hsae_runtime.cli import common, info
+# Command modules register their commands on the shared app when imported; a module that fails
+# to import fails the CLI loudly rather than silently dropping its commands.
+from hsae_runtime.cli import common, export, info, serve, train
 from hsae_runtime.cli.app import app
 
-# Command modules register themselves on import. Keep this list in one place.
-_COMMAND_MODULES = ["hsae_runtime.cli.train", "hsae_runtime.cli.serve", "hsae_runtime.cli.export"]
-for _name in _COMMAND_MODULES:
-    try:
-        __import__(_name)
-    except ModuleNotFoundError as _err:  # a verb group not built yet must not break the others
-        if _err.name != _name:
-            raise
-
-__all__ = ["app", "main", "common", "info"]
+__all__ = ["app", "main", "common", "export", "info", "serve", "train"]
 
 
 def main() -> None:

@@ -1,0 +1,38 @@
+"""The CLI's entry: every verb registered, and ``--help`` without torch or transformers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+
+def test_cli_import_loads_no_heavy_modules():
+    code = ("import sys, hsae_runtime.cli; "
+            "heavy = [m for m in ('torch', 'transformers', 'grpc', 'onnxruntime', 'numba') "
+            "if m in sys.modules]; print(','.join(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_every_verb_is_registered():
+    from hsae_runtime.cli import app
+
+    result = CliRunner().invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for verb in ("train", "eval", "export", "serve", "encode", "info"):
+        assert verb in result.output
+
+
+def test_package_root_is_lazy_but_complete():
+    import hsae_runtime
+
+    assert hsae_runtime.SAE.__name__ == "SAE"
+    assert callable(hsae_runtime.hierarchical_topk_loss)
+    try:
+        hsae_runtime.not_a_name  # noqa: B018
+    except AttributeError as err:
+        assert "not_a_name" in str(err)
+    else:
+        raise AssertionError("unknown attributes must raise AttributeError")
