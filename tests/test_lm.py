@@ -151,3 +151,48 @@ def test_bad_inputs(lm, tmp_path):
     not_model.write_bytes(b"x")
     with pytest.raises(ModelFileError):
         load_lm(str(not_model))
+
+
+# ---------------------------------------------------------------------------- portable LM names
+def test_portable_gemma_name_resolves_on_any_machine(monkeypatch, tmp_path):
+    from hsae_runtime import gguf
+
+    here = tmp_path / "gemma-3-270m-q4_k_m.gguf"
+    monkeypatch.setattr(gguf, "gemma3_270m_path", lambda cache_dir=None: here)
+    assert gguf.resolve_lm_source(gguf.GEMMA3_270M) == str(here)
+    # an old model file naming the assembled GGUF under another machine's home folder
+    assert gguf.resolve_lm_source("/home/someone/.cache/x/gemma-3-270m-q4_k_m.gguf") == str(here)
+    assert gguf.portable_lm_name(str(here)) == gguf.GEMMA3_270M
+    assert gguf.resolve_lm_source("google/gemma-2-2b") == "google/gemma-2-2b"
+
+
+def test_model_file_serves_after_its_lm_moved(tiny_lm_dir, tmp_path):
+    import shutil
+
+    from hsae_runtime.config import SAEConfig
+    from hsae_runtime.errors import ModelFileError
+    from hsae_runtime.sae import SAE
+    from hsae_runtime.serving.server import ServerOptions, load_and_start
+
+    old = tmp_path / "machine_a" / "lm"
+    shutil.copytree(tiny_lm_dir, old)
+    sae = SAE(SAEConfig(d_in=64, d_sae=128, k_max=8, model_name=str(old),
+                        hookpoint="model.layers.1"))
+    model = tmp_path / "sae.safetensors"
+    sae.save(model)
+    new = tmp_path / "machine_b" / "lm"
+    new.parent.mkdir()
+    old.rename(new)  # the file now lives on a machine where that path does not exist
+    moved = tmp_path / "elsewhere" / "sae.safetensors"
+    moved.parent.mkdir()
+    model.rename(moved)
+    with pytest.raises(ModelFileError, match="not found") as err:
+        load_and_start(moved, device="cpu", options=ServerOptions(port=0))
+    assert "--lm" in (err.value.hint or "")
+    running = load_and_start(moved, lm_name=str(new), device="cpu",
+                             options=ServerOptions(port=0))
+    try:
+        assert running.servicer.lm is not None
+    finally:
+        running.stop(grace=1)
+    shutil.rmtree(new)

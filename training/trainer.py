@@ -34,6 +34,7 @@ from torch import Tensor
 
 from hsae_runtime.config import SAEConfig
 from hsae_runtime.errors import ConfigError, DataError
+from hsae_runtime.gguf import portable_lm_name
 from hsae_runtime.sae import SAE
 from hsae_runtime.training.checkpoint import (
     CHECKPOINT_NAME,
@@ -168,7 +169,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     sae_config = SAEConfig(
         d_in=d_in, d_sae=cfg.d_sae, k_max=cfg.k_max,
         budgets=(cfg.budgets if cfg.objective == "hierarchical" else (cfg.train_k,)),
-        model_name=cfg.lm, hookpoint=hp_name,
+        model_name=portable_lm_name(cfg.lm), hookpoint=hp_name,
     )
     gen = torch.Generator().manual_seed(cfg.seed)
     sae = SAE(sae_config, device=device)
