@@ -81,3 +81,27 @@ def test_pack_refuses_non_float32() -> None:
         linear_cpu.PackedLinear(torch.randn(4, 8, dtype=torch.float64), torch.randn(8))
     sae = SAE(SAEConfig(d_in=8, d_sae=16, k_max=4, dtype="bfloat16"))
     assert not sae.pack_for_cpu_inference()
+
+
+@needs_onednn
+def test_packed_gemm_runs_a_few_row_counts_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    # oneDNN keeps a primitive (and memory) per input shape: every row count 1..600 must map
+    # onto a few shapes, with the same numbers as an unpadded product.
+    W, b = torch.randn(96, 320), torch.randn(320)
+    packed = linear_cpu.PackedLinear(W, b)
+    shapes: set[int] = set()
+    real = linear_cpu._linear
+
+    def spy(x: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+        shapes.add(x.shape[0])
+        return real(x, *args)
+
+    monkeypatch.setattr(linear_cpu, "_linear", spy)
+    for n in range(1, 601):
+        x = torch.randn(n, 96)
+        out = packed(x)
+        assert out.shape == (n, 320)
+        if n in (1, 17, 100, 333, 600):
+            torch.testing.assert_close(out, torch.addmm(b, x, W), rtol=1e-5, atol=1e-4)
+    assert len(shapes) <= 16 + 8 * 6  # exact up to 16 rows, then 8 per doubling
+    assert all(linear_cpu.bucket_rows(n) - n <= n // 8 for n in range(1, 10_000))

@@ -7,15 +7,19 @@ and waits are short, so the module takes a few seconds.
 from __future__ import annotations
 
 import dataclasses
+import mmap
 import queue
+import struct
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
+import torch
 from serving_helpers import HOOKPOINT, DelayedBackend
 
 from hsae_runtime.errors import InputError
@@ -326,3 +330,36 @@ def test_calls_still_waiting_when_the_grace_ends_get_unavailable(sae):
     for err in errors:
         assert err.code == grpc.StatusCode.UNAVAILABLE  # not CANCELLED, not silence
         assert "grace period ran out" in str(err)
+
+
+# ---------------------------------------------------------------------------- memory
+def _present_pages(t) -> tuple[int, int]:
+    """(pages of ``t``'s memory mapped in this process, all its pages), from /proc/self/pagemap."""
+    start, size = t.data_ptr(), t.numel() * t.element_size()
+    first, last = start // mmap.PAGESIZE, (start + size - 1) // mmap.PAGESIZE
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(first * 8)
+        raw = f.read((last - first + 1) * 8)
+    entries = struct.unpack(f"<{len(raw) // 8}Q", raw)
+    return sum(e >> 63 for e in entries), len(entries)
+
+
+@pytest.mark.skipif(not Path("/proc/self/pagemap").exists(), reason="needs Linux /proc")
+def test_embedding_matrix_is_paged_in_when_serving_starts(tmp_path, sae, lm, monkeypatch):
+    # A memory-mapped weight (as from_pretrained leaves safetensors weights) counts in RSS
+    # only once read; the server reads the whole embedding matrix at start, so RSS does not
+    # climb with every new token id.
+    path = tmp_path / "embedding.bin"
+    np.zeros(300 * 1024, np.float32).tofile(path)  # 300 pages
+    weight = torch.from_file(str(path), shared=False, size=300 * 1024).view(1200, 256)
+    model = torch.nn.Module()
+    model.get_input_embeddings = lambda: torch.nn.Embedding.from_pretrained(weight)  # type: ignore[assignment]
+    present, total = _present_pages(weight)
+    assert present < total  # nothing has read it yet
+    srv.page_in_embeddings(model)
+    assert _present_pages(weight) == (total, total)
+
+    seen = []
+    monkeypatch.setattr(srv, "page_in_embeddings", seen.append)
+    start(sae, lm).stop(grace=0)
+    assert seen == [lm.model]
