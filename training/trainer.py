@@ -197,6 +197,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     encode = getattr(sae, "encode_for_training", sae.encode)
     budgets = list(sae_config.trained_budgets)
     validator: Validator | None = None
+    main_losses: list[float] = []
     balance = PrefixBalance(cfg.k_max, budgets, cfg.prefix_balance if cfg.objective
                             == "hierarchical" else 0.0)
     local_batch = cfg.batch_tokens // world
@@ -261,13 +262,14 @@ def train(cfg: TrainConfig) -> TrainResult:
                 state.tokens += cfg.batch_tokens
                 state.batch = j + 1
                 result.losses.append(float(loss_value))
+                main_losses.append(float(main.detach()))
                 progress.update(state, float(loss_value), sae, x, code, aux, timer.lm_s, sae_s)
                 if ckpt is not None and state.step % cfg.checkpoint_every == 0:
                     save_checkpoint(ckpt, cfg, sae, opt, aux, state, rank)
                 last = state.step >= total_steps or bool(
                     cfg.max_steps and state.step >= cfg.max_steps)
                 if validator is not None and validator.due(state.step, last):
-                    recent = result.losses[-validator.every:]
+                    recent = main_losses[-validator.every:]  # the objective, without AuxK
                     validator.check(sae, state.step, sum(recent) / len(recent))
                     if validator.should_stop:
                         logger.info("validation loss has not improved for %d evaluations: "

@@ -47,15 +47,18 @@ def write_report(s: Settings, results: dict[str, Any], out: Path) -> None:
     if results.get("fvu_val"):
         lines += ["### FVU on the validation documents (what choices are made on)", "",
                   head, *[row(n, lambda v: f"{v:.4f}", "val:fvu") for n in names], ""]
-    train_stats = results.get("training", {})
-    if any("best_val_loss" in st for st in train_stats.values()):
-        lines += ["### Overfitting check: final training loss vs best validation loss "
-                  "(same objective, scaled units)", "",
-                  "| SAE | train loss (last 20 steps) | best validation loss | at step | steps |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {n} | {st['final_loss']:.5f} | {st.get('best_val_loss', float('nan')):.5f}"
-                  f" | {st.get('best_step', '–')} | {st['steps']} |"
-                  for n, st in train_stats.items()]
+    objective = results.get("objective", {})
+    if objective:
+        lines += ["### Overfitting check: each SAE's own objective (MSE, raw units) on 16,384 "
+                  "tokens of each part", "",
+                  "| SAE | train | validation | eval | eval ÷ train | best val. step / steps |",
+                  "|---|---|---|---|---|---|"]
+        for n in names:
+            o, st = objective.get(n, {}), results.get("training", {}).get(n, {})
+            if o:
+                lines.append(f"| {n} | {o['train']:.1f} | {o['val']:.1f} | {o['eval']:.1f} | "
+                             f"{o['eval'] / o['train']:.2f} | {st.get('best_step', '–')} / "
+                             f"{st.get('steps', '–')} |")
         lines += [""]
     summary = results["summary"]
     lines += ["### Claims", "", "| quantity | value |", "|---|---|"]

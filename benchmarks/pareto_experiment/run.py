@@ -108,7 +108,7 @@ def run(s: Settings) -> dict[str, Any]:
         "chosen_on": "val: every recipe choice was made on the validation documents; the eval "
                      "documents are only reported",
         "train_tokens_unique": len(train_acts), "val_tokens": len(held["val"]),
-        "eval_tokens": len(eval_acts), "fvu_val": {},
+        "eval_tokens": len(eval_acts), "fvu_val": {}, "objective": {},
         "train_tokens": s.tokens // s.batch_tokens * s.batch_tokens,
         "passes": s.tokens / len(train_acts), "fvu": {}, "training": stats,
         "step_time_s": step_times, "timings_s": timings, "ce": None,
@@ -123,11 +123,14 @@ def run(s: Settings) -> dict[str, Any]:
         (out / "results.json").write_text(json.dumps(results, indent=2))
 
     saes: dict[str, Any] = {}
+    specs = {name: (objective, k) for name, objective, k in train_order(s)}
     for name in stats:
         t = time.perf_counter()
         saes[name] = SAE.load(out / "models" / f"{name}.safetensors")
         fvu = eval_fvu(saes[name], eval_acts, list(s.eval_ks))
         results["fvu"][name] = {str(k): v for k, v in fvu.items()}
+        results["objective"][name] = objective_by_part(
+            saes[name], specs[name], {"train": train_acts, **held})
         val = eval_fvu(saes[name], held["val"], list(s.eval_ks))
         results["fvu_val"][name] = {str(k): v for k, v in val.items()}
         logger.info("%s validation FVU: %s", name, {k: round(v["fvu"], 4) for k, v in val.items()})
@@ -146,6 +149,18 @@ def run(s: Settings) -> dict[str, Any]:
         save_ce(eval_ce(s, lm, saes, eval_txt, out, on_context=save_ce))
     logger.info("timings: %s", {k: round(v) for k, v in timings.items()})
     return results
+
+
+def objective_by_part(sae: Any, spec: tuple[str, int], parts: dict[str, Any],
+                      tokens: int = 16_384) -> dict[str, float]:
+    """The SAE's own training objective (raw units) on the first ``tokens`` of each part: train
+    next to validation and eval shows whether a recipe overfits the small train part."""
+    from hsae_runtime.training.validation import objective_loss
+
+    objective, k = spec
+    budgets = list(range(1, k + 1))
+    return {part: objective_loss(sae, acts[:tokens], objective, k, budgets)
+            for part, acts in parts.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
