@@ -217,12 +217,11 @@ def _fold_decoder_norm(tensors: dict[str, Any], source: Path) -> None:
 
 
 def _dtype_name(t: Any) -> str:
-    import torch
+    from hsae_runtime.config import DTYPE_NAMES
 
-    names = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-    if t.dtype not in names:
+    if t.dtype not in DTYPE_NAMES:
         raise ModelFileError(f"unsupported weight dtype {t.dtype}")
-    return names[t.dtype]
+    return DTYPE_NAMES[t.dtype]
 
 
 def _build(config: Any, tensors: dict[str, Any], source: Path, torch: Any) -> SAE:

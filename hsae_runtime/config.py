@@ -29,6 +29,19 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
+"""The dtype names a config, a CLI flag or a folder importer may use, and their torch dtypes."""
+
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in TORCH_DTYPES.items()}
+"""The reverse of :data:`TORCH_DTYPES`: the name a torch dtype is written under."""
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A torch dtype from its name (a torch dtype passes through); ConfigError on unknown names."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in TORCH_DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}", hint=f"choose one of {sorted(TORCH_DTYPES)}")
+    return TORCH_DTYPES[dtype]
 
 
 @dataclass

@@ -32,14 +32,13 @@ from typing import Any, Literal, cast
 import torch
 from torch import Tensor, nn
 
+from hsae_runtime.config import resolve_dtype
 from hsae_runtime.errors import ConfigError, HookpointError, InputError, ModelFileError
 from hsae_runtime.gguf import dequantised_folder, resolve_lm_source
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_LM = "google/gemma-2-2b"
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -74,14 +73,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
-def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ConfigError(f"unknown dtype {dtype!r}", hint=f"choose one of {sorted(_DTYPES)}")
-    return _DTYPES[dtype]
-
-
 def load_lm(
     name_or_path: str | Path = DEFAULT_LM,
     *,
@@ -97,7 +88,7 @@ def load_lm(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name = str(name_or_path)
-    torch_dtype = _torch_dtype(dtype)
+    torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
     source_name = resolve_lm_source(name)
     path = Path(source_name).expanduser()

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from hsae_runtime.config import TORCH_DTYPES
 from hsae_runtime.errors import DataError
 from hsae_runtime.lm import Hookpoint, LoadedLM, capture, special_token_mask
 from hsae_runtime.training.data import iter_contexts, read_documents
@@ -183,8 +184,7 @@ class ActivationCache:
     def __init__(self, folder: str | Path, key: dict[str, Any], dtype: str = "bfloat16") -> None:
         self.folder = Path(folder)
         self.key = key
-        self.dtype = {"float32": torch.float32, "float16": torch.float16,
-                      "bfloat16": torch.bfloat16}[dtype]
+        self.dtype = TORCH_DTYPES[dtype]
         self.digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
     def manifest(self) -> dict[str, Any] | None:
