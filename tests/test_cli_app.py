@@ -36,3 +36,15 @@ def test_package_root_is_lazy_but_complete():
         assert "not_a_name" in str(err)
     else:
         raise AssertionError("unknown attributes must raise AttributeError")
+
+
+def test_parse_budgets_is_shared_and_names_the_flag():
+    import pytest
+
+    from hsae_runtime.cli.common import parse_budgets
+    from hsae_runtime.errors import ConfigError
+
+    assert parse_budgets("8, 16,,32") == [8, 16, 32]
+    assert parse_budgets(None) is None and parse_budgets(" ") is None
+    with pytest.raises(ConfigError, match="--budgets-out"):
+        parse_budgets("1,x", "--budgets-out")

@@ -1,4 +1,4 @@
-"""Shared CLI plumbing: logging set-up, ``--version``, and user-error exit behaviour."""
+"""Shared CLI plumbing: logging set-up, ``--version``, user-error exit behaviour, list flags."""
 
 from __future__ import annotations
 
@@ -22,6 +22,22 @@ def setup_logging(verbose: bool = False) -> None:
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
     _configured = True
+
+
+def parse_budgets(text: str | None, flag: str = "--budgets") -> list[int] | None:
+    """Budgets from a comma-separated flag value (``"8,16,32"``); ``None`` when it is blank.
+
+    Empty parts and spaces around a number are ignored; anything else that is not an integer is
+    a :class:`~hsae_runtime.errors.ConfigError` naming ``flag``. Range checks are the config's.
+    """
+    from hsae_runtime.errors import ConfigError
+
+    if text is None or not text.strip():
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as err:
+        raise ConfigError(f"{flag} must be comma-separated integers, got {text!r}") from err
 
 
 def _version_callback(value: bool) -> None:

@@ -15,17 +15,7 @@ from pathlib import Path
 import typer
 
 from hsae_runtime.cli.app import app
-
-
-def _parse_budgets(text: str | None) -> list[int] | None:
-    from hsae_runtime.errors import ConfigError
-
-    if not text:
-        return None
-    try:
-        return [int(part) for part in text.replace(" ", "").split(",") if part]
-    except ValueError as err:
-        raise ConfigError(f"--budgets-out must be comma-separated ints, got {text!r}") from err
+from hsae_runtime.cli.common import parse_budgets
 
 
 def _detect_folder(folder: Path) -> str:
@@ -114,7 +104,7 @@ def export(
         raise ConfigError(f"--dtype must be float32 or float16, got {dtype!r}")
     if triton_instance not in ("auto", "cpu", "gpu"):
         raise ConfigError(f"--triton-instance must be auto, cpu or gpu, got {triton_instance!r}")
-    budgets = _parse_budgets(budgets_out)
+    budgets = parse_budgets(budgets_out, "--budgets-out")
     start = time.perf_counter()
     sae = load_any(model)
     log.info("loaded %s (d_in=%d, d_sae=%d, k_max=%d) in %.1f s", model, sae.config.d_in,

@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 
 from hsae_runtime.cli.app import app
+from hsae_runtime.cli.common import parse_budgets
 from hsae_runtime.errors import ConfigError
 from hsae_runtime.serving.limits import ServingLimits
 
@@ -112,10 +113,7 @@ def encode(
 
     from hsae_runtime.client import Client, ServerError, format_table
 
-    try:
-        wanted = [int(b) for b in budgets.split(",") if b.strip()]
-    except ValueError as err:
-        raise ConfigError(f"--budgets must be comma-separated integers, got {budgets!r}") from err
+    wanted = parse_budgets(budgets) or []
     if text == "-":
         text = sys.stdin.read()
     tls: bool | Path = tls_cert if tls_cert is not None else False

@@ -15,19 +15,9 @@ from pathlib import Path
 import typer
 
 from hsae_runtime.cli.app import app
+from hsae_runtime.cli.common import parse_budgets
 
 logger = logging.getLogger(__name__)
-
-
-def _parse_budgets(text: str | None) -> list[int] | None:
-    from hsae_runtime.errors import ConfigError
-
-    if text is None or not text.strip():
-        return None
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError as err:
-        raise ConfigError(f"--budgets must be comma-separated ints, got {text!r}") from err
 
 
 def _default(name: str) -> str:
@@ -111,7 +101,7 @@ def train(
     cfg = TrainConfig(
         lm=lm, hookpoint=hookpoint, data=data, d_sae=d_sae, k_max=k_max, out=str(out),
         objective=objective,  # type: ignore[arg-type]  # validated in __post_init__
-        k=k, budgets=tuple(b) if (b := _parse_budgets(budgets)) else None,
+        k=k, budgets=tuple(b) if (b := parse_budgets(budgets)) else None,
         checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None, resume=resume,
         activation_cache=str(activation_cache) if activation_cache else None,
         include_special=keep_special, progress=progress,
@@ -188,7 +178,7 @@ def eval_cmd(
         raise ConfigError("the SAE file names no LM", hint="pass --lm")
     loaded = load_lm(lm_name, device=dev)
     results = evaluate_many(saes, loaded, data, hookpoint=hookpoint,
-                            budgets=_parse_budgets(budgets), tokens=tokens, ce_tokens=ce_tokens,
+                            budgets=parse_budgets(budgets), tokens=tokens, ce_tokens=ce_tokens,
                             context=context, lm_batch=lm_batch, include_special=keep_special,
                             progress=True)
     main = results[names[0]]
