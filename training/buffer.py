@@ -37,6 +37,7 @@ from hsae_runtime.config import TORCH_DTYPES
 from hsae_runtime.errors import DataError
 from hsae_runtime.lm import Hookpoint, LoadedLM, capture, special_token_mask
 from hsae_runtime.training.data import iter_contexts, read_documents
+from hsae_runtime.training.distributed import rank_world
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +65,6 @@ class Timer:
 
     lm_s: float = 0.0
     extra: dict[str, float] = field(default_factory=dict)
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class LMActivationSource:
@@ -119,7 +114,7 @@ class LMActivationSource:
         """Yield ``(block_index, acts [n, d_model])`` from block ``start`` on (float32, cpu)."""
         from tqdm.auto import tqdm
 
-        rank, world = _world()
+        rank, world = rank_world()
         # The LM is the slow part of a cold start: show contexts done and their rate.
         bar = tqdm(unit="ctx", desc=f"LM -> {self.hookpoint.name}", disable=rank != 0,
                    mininterval=2.0, leave=False)
@@ -239,7 +234,7 @@ class BlockSource:
             yield from self.cache.blocks(start)
             return
         assert self.lm_source is not None
-        rank, _ = _world()
+        rank, _ = rank_world()
         # A cache is only written by a pass that sees every block from the start.
         writing = self.cache is not None and start == 0
         if writing:
@@ -257,5 +252,5 @@ class BlockSource:
             self.cache.finish(n_blocks, n_tokens)
             logger.info("activation cache complete: %d blocks, %d tokens in %s",
                         n_blocks, n_tokens, self.cache.folder)
-        if writing and _world()[1] > 1:
+        if writing and rank_world()[1] > 1:
             dist.barrier()  # every rank must see the manifest before the next pass looks for it

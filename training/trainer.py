@@ -44,6 +44,7 @@ from hsae_runtime.training.checkpoint import (
     save_checkpoint,
 )
 from hsae_runtime.training.config import TrainConfig
+from hsae_runtime.training.distributed import rank_world
 from hsae_runtime.training.optim import (
     AuxK,
     PrefixBalance,
@@ -75,12 +76,6 @@ class TrainResult:
     wall_seconds: float = 0.0
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def init_distributed(device: str) -> bool:
     """Join the torchrun process group when launched under torchrun; returns whether DDP."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -105,7 +100,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     )
 
     init_distributed(cfg.device)
-    rank, world = _world()
+    rank, world = rank_world()
     if cfg.batch_tokens % world:
         raise ConfigError(f"batch_tokens ({cfg.batch_tokens}) must divide evenly over "
                           f"{world} ranks")
