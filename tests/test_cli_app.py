@@ -48,3 +48,24 @@ def test_parse_budgets_is_shared_and_names_the_flag():
     assert parse_budgets(None) is None and parse_budgets(" ") is None
     with pytest.raises(ConfigError, match="--budgets-out"):
         parse_budgets("1,x", "--budgets-out")
+
+
+def test_include_special_flag_and_its_hidden_deprecated_alias(monkeypatch):
+    import hsae_runtime.training.trainer as trainer
+    from hsae_runtime.cli import app
+
+    seen = []
+
+    def fake_train(cfg, *args, **kwargs):
+        seen.append(cfg.include_special)
+        raise KeyboardInterrupt  # stop before any work
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    runner = CliRunner()
+    help_text = runner.invoke(app, ["train", "--help"]).output
+    assert "--include-special" in help_text and "--keep-special" not in help_text
+    base = ["train", "--lm", "x", "--data", "d.txt", "--out", "o.safetensors",
+            "--hookpoint", "model.layers.0", "--d-sae", "16", "--k-max", "4"]
+    for extra in (["--include-special"], ["--keep-special"], []):
+        runner.invoke(app, base + extra)
+    assert seen == [True, True, False]

@@ -20,6 +20,13 @@ from hsae_runtime.cli.common import parse_budgets
 logger = logging.getLogger(__name__)
 
 
+def _include_special(include_special: bool, keep_special: bool) -> bool:
+    """``--include-special``, also set by its deprecated spelling ``--keep-special``."""
+    if keep_special:
+        logger.warning("--keep-special is deprecated; use --include-special")
+    return include_special or keep_special
+
+
 def _default(name: str) -> str:
     """``TrainConfig``'s default for a field, for help texts (TrainConfig owns every default)."""
     from dataclasses import fields
@@ -70,7 +77,11 @@ def train(
     activation_cache: Path | None = typer.Option(None, help="On-disk activation cache folder."),
     cache_dtype: str | None = typer.Option(None, help="Cache storage dtype (float32, bfloat16, "
                                            "float16)." + _default("cache_dtype")),
-    keep_special: bool = typer.Option(False, help="Train on BOS/EOS/pad tokens too."),
+    include_special: bool = typer.Option(False, help="Train on BOS/EOS/pad tokens too."),
+    keep_special: bool = typer.Option(
+        False, "--keep-special/--no-keep-special", hidden=True,
+        help="Deprecated spelling of --include-special.",
+    ),
     aux_alpha: float | None = typer.Option(None, help="AuxK loss weight (0 disables)."
                                            + _default("aux_alpha")),
     dead_tokens: int | None = typer.Option(None, help="Tokens without firing = dead."
@@ -104,7 +115,7 @@ def train(
         k=k, budgets=tuple(b) if (b := parse_budgets(budgets)) else None,
         checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None, resume=resume,
         activation_cache=str(activation_cache) if activation_cache else None,
-        include_special=keep_special, progress=progress,
+        include_special=_include_special(include_special, keep_special), progress=progress,
         **{key: value for key, value in optional.items() if value is not None},  # type: ignore[arg-type]
     )
     try:
@@ -152,7 +163,11 @@ def eval_cmd(
     compare: list[Path] = typer.Option([], help="Another SAE file to compare with the first "
                                        "(repeatable; same as listing it after it)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    keep_special: bool = typer.Option(False, help="Include BOS/EOS/pad tokens."),
+    include_special: bool = typer.Option(False, help="Include BOS/EOS/pad tokens."),
+    keep_special: bool = typer.Option(
+        False, "--keep-special/--no-keep-special", hidden=True,
+        help="Deprecated spelling of --include-special.",
+    ),
 ) -> None:
     """Evaluate SAEs at every budget: FVU (corpus and per token), MSE, L0, dead fraction,
     CE delta / recovered and KL with the reconstruction spliced into the LM.
@@ -179,7 +194,8 @@ def eval_cmd(
     loaded = load_lm(lm_name, device=dev)
     results = evaluate_many(saes, loaded, data, hookpoint=hookpoint,
                             budgets=parse_budgets(budgets), tokens=tokens, ce_tokens=ce_tokens,
-                            context=context, lm_batch=lm_batch, include_special=keep_special,
+                            context=context, lm_batch=lm_batch,
+                            include_special=_include_special(include_special, keep_special),
                             progress=True)
     main = results[names[0]]
     report = {
