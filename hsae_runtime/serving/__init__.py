@@ -6,6 +6,9 @@ Modules, in the order a request meets them:
   check that they match the proto;
 * ``errors`` - the one table from exceptions to gRPC status codes;
 * ``convert`` - protobuf <-> tensors (``*_from_pb`` validate, ``*_to_pb`` build);
+* ``limits`` - per-request and per-stream limits (``ServingLimits``, the CLI's defaults);
+* ``gate`` - admission of work calls: the stream cap and the drain on shutdown;
+* ``tokenise`` - request text to token ids, refusing over-long text before tokenising it all;
 * ``servicer`` - the thin ``hsae.v1.HSAE`` implementation;
 * ``batcher`` - dynamic batching: one LM forward and one SAE encode per batch;
 * ``backend`` - what an SAE engine must provide (torch, ONNX Runtime);
