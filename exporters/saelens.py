@@ -135,8 +135,6 @@ def import_saelens(
     budgets are ``1..k`` — a plain TopK SAE was trained at k only, so smaller budgets are
     usable but not trained; ``hsae-runtime info`` shows them.
     """
-    import torch
-
     from hsae_runtime.format import read_tensors
 
     folder = Path(folder)
@@ -175,10 +173,10 @@ def import_saelens(
         _fold_decoder_norm(tensors, weights_path)
         config_dict.setdefault("training", {})["folded_decoder_norm"] = True
     config = finish_config(
-        config_dict, cfg_path, dtype=dtype, default_dtype=_dtype_name(tensors["W_enc"]),
+        config_dict, cfg_path, dtype=dtype, default_dtype=dtype_name(tensors["W_enc"]),
         hookpoint=hookpoint, model_name=model_name,
     )
-    return _build(config, tensors, weights_path, torch)
+    return build_sae(config, tensors, weights_path)
 
 
 def finish_config(
@@ -216,7 +214,8 @@ def _fold_decoder_norm(tensors: dict[str, Any], source: Path) -> None:
     tensors["W_dec"] = (W_dec / norms[:, None]).to(dtype)
 
 
-def _dtype_name(t: Any) -> str:
+def dtype_name(t: Any) -> str:
+    """The config dtype name of tensor ``t``; ModelFileError for other dtypes."""
     from hsae_runtime.config import DTYPE_NAMES
 
     if t.dtype not in DTYPE_NAMES:
@@ -224,20 +223,10 @@ def _dtype_name(t: Any) -> str:
     return DTYPE_NAMES[t.dtype]
 
 
-def _build(config: Any, tensors: dict[str, Any], source: Path, torch: Any) -> SAE:
-    """An SAE from ``{W_enc, b_enc, W_dec, b_dec}`` in our orientation, with shape checks."""
-    from hsae_runtime.format import expected_shapes
-    from hsae_runtime.sae import SAE
+def build_sae(config: SAEConfig, tensors: dict[str, Any], source: Path) -> SAE:
+    """An SAE from ``{W_enc, b_enc, W_dec, b_dec}`` in our orientation, cast to the config's
+    dtype and validated (:func:`~hsae_runtime.format.validate_tensors`)."""
+    from hsae_runtime.sae import sae_from_tensors
 
-    for name, shape in expected_shapes(config).items():
-        if tuple(tensors[name].shape) != shape:
-            raise ModelFileError(
-                f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, expected "
-                f"{shape} from the config"
-            )
-        tensors[name] = tensors[name].to(config.torch_dtype).contiguous()
-        if not bool(torch.isfinite(tensors[name]).all()):
-            raise ModelFileError(f"{source}: tensor {name} contains NaN or Inf")
-    sae = SAE(config, device="meta")
-    sae.load_state_dict(tensors, assign=True)
-    return sae
+    cast = {name: t.to(config.torch_dtype).contiguous() for name, t in tensors.items()}
+    return sae_from_tensors(config, cast, source=source)

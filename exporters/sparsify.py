@@ -107,7 +107,7 @@ def import_sparsify(
     The hookpoint defaults to the folder name (sparsify names each coder's folder after it).
     A foreign coder gets budgets ``1..k`` (trained at k only).
     """
-    from hsae_runtime.exporters.saelens import _build, _dtype_name, finish_config, read_json
+    from hsae_runtime.exporters.saelens import build_sae, dtype_name, finish_config, read_json
     from hsae_runtime.format import read_tensors
 
     folder = Path(folder)
@@ -154,7 +154,7 @@ def import_sparsify(
             "training": {"imported_from": "sparsify", "source": str(folder)},
         }
     config = finish_config(
-        config_dict, cfg_path, dtype=dtype, default_dtype=_dtype_name(raw["W_dec"]),
+        config_dict, cfg_path, dtype=dtype, default_dtype=dtype_name(raw["W_dec"]),
         hookpoint=hookpoint, model_name=model_name,
     )
     tensors = {
@@ -163,6 +163,4 @@ def import_sparsify(
         "W_dec": raw["W_dec"],
         "b_dec": raw["b_dec"],
     }
-    import torch
-
-    return _build(config, tensors, weights_path, torch)
+    return build_sae(config, tensors, weights_path)

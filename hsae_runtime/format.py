@@ -7,9 +7,12 @@ Layout: the four tensors ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_
 - ``format_version``: an integer as text (we read versions up to :data:`FORMAT_VERSION`),
 - ``config``: the JSON of :class:`~hsae_runtime.config.SAEConfig`.
 
-Loading validates everything (header, metadata, tensor names, shapes, dtypes, finite values)
-and raises :class:`~hsae_runtime.errors.ModelFileError` with a hint; it never unpickles.
-Writes are atomic (temp file in the same folder, then ``os.replace``).
+This module reads and writes ``(SAEConfig, tensors)`` only;
+:func:`hsae_runtime.sae.sae_from_tensors` turns them into a module. Reading validates the
+header, metadata, tensor names, shapes and dtypes; :func:`validate_tensors` (run for every SAE
+built from tensors, whether from a model file or an imported folder) adds finite values.
+Problems raise :class:`~hsae_runtime.errors.ModelFileError` with a hint; nothing is ever
+unpickled. Writes are atomic (temp file in the same folder, then ``os.replace``).
 """
 
 from __future__ import annotations
@@ -19,17 +22,13 @@ import os
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from hsae_runtime.config import SAEConfig
+from hsae_runtime.config import DTYPE_NAMES, SAEConfig
 from hsae_runtime.errors import ConfigError, ModelFileError
-
-if TYPE_CHECKING:
-    from hsae_runtime.sae import SAE
 
 FORMAT_NAME = "hsae-runtime"
 FORMAT_VERSION = 1
@@ -98,14 +97,26 @@ def read_tensors(
     return tensors, metadata
 
 
-def save_sae(sae: SAE, path: str | Path) -> None:
+def write_model(path: str | Path, config: SAEConfig, tensors: dict[str, torch.Tensor]) -> None:
+    """Write a model file: ``tensors`` (the four :data:`TENSOR_NAMES`) with ``config``."""
     metadata = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
-        "config": json.dumps(sae.config.to_dict()),
+        "config": json.dumps(config.to_dict()),
     }
-    tensors = {name: getattr(sae, name) for name in TENSOR_NAMES}
-    atomic_save_tensors(tensors, path, metadata)
+    atomic_save_tensors({name: tensors[name] for name in TENSOR_NAMES}, path, metadata)
+
+
+def read_model(path: str | Path) -> tuple[SAEConfig, dict[str, torch.Tensor]]:
+    """The config and the four tensors of a model file, header and layout validated.
+
+    Values are checked by :func:`validate_tensors` when an SAE is built from them.
+    """
+    path = Path(path)
+    config, _ = _read_header(path)
+    check_tensors(path, config)
+    tensors, _ = read_tensors(path, TENSOR_NAMES)
+    return config, tensors
 
 
 def read_config(path: str | Path) -> SAEConfig:
@@ -214,16 +225,18 @@ def _names_problem(found: Iterable[str], expected: tuple[str, ...]) -> str | Non
     return None
 
 
-def load_sae(path: str | Path, *, device: torch.device | str = "cpu") -> SAE:
-    from hsae_runtime.sae import SAE
-
-    path = Path(path)
-    config, _ = _read_header(path)
-    check_tensors(path, config)
-    tensors, _ = read_tensors(path, TENSOR_NAMES)
+def validate_tensors(
+    config: SAEConfig, tensors: dict[str, torch.Tensor], source: str | Path
+) -> None:
+    """Raise :class:`ModelFileError` (naming ``source``) unless ``tensors`` are exactly the four
+    :data:`TENSOR_NAMES` with ``config``'s shapes and dtype and only finite values."""
+    layout = {
+        name: (tuple(t.shape), DTYPE_NAMES.get(t.dtype, str(t.dtype).removeprefix("torch.")))
+        for name, t in tensors.items()
+    }
+    problems = tensor_problems(config, layout)
+    if problems:
+        raise ModelFileError(f"{source}: {'; '.join(problems)}")
     for name, tensor in tensors.items():
         if not bool(torch.isfinite(tensor).all()):
-            raise ModelFileError(f"{path}: tensor {name} contains NaN or Inf")
-    sae = SAE(config, device="meta")
-    sae.load_state_dict(tensors, assign=True)
-    return sae.to(device)
+            raise ModelFileError(f"{source}: tensor {name} contains NaN or Inf")

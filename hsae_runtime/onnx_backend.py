@@ -145,9 +145,9 @@ class OnnxSAE:
         import onnx
 
         from hsae_runtime.exporters.onnx import EXTERNAL_DATA_THRESHOLD, build_onnx_model
-        from hsae_runtime.format import load_sae
+        from hsae_runtime.sae import SAE
 
-        sae = load_sae(path)
+        sae = SAE.load(path)
         graph = build_onnx_model(sae, dtype=dtype, reconstruction=False)  # type: ignore[arg-type]
         np_dtype = np.float16 if dtype == "float16" else np.float32
         W_dec = sae.W_dec.detach().float().numpy().astype(np_dtype)

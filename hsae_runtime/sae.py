@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from hsae_runtime.config import SAEConfig
 from hsae_runtime.errors import InputError
+from hsae_runtime.format import TENSOR_NAMES, read_model, validate_tensors, write_model
 from hsae_runtime.kernels import decode_cpu, linear_cpu
 from hsae_runtime.kernels.prefix_decode import prefix_decode
 from hsae_runtime.kernels.topk import masked_topk
@@ -271,16 +272,27 @@ class SAE(nn.Module):
     # ------------------------------------------------------------------ files
     def save(self, path: str | Path) -> None:
         """Write the single-file model (weights + config in the safetensors metadata)."""
-        from hsae_runtime.format import save_sae
-
-        save_sae(self, path)
+        write_model(path, self.config, {name: getattr(self, name) for name in TENSOR_NAMES})
 
     @classmethod
     def load(cls, path: str | Path, *, device: torch.device | str = "cpu") -> SAE:
         """Load and validate a model file written by :meth:`save`."""
-        from hsae_runtime.format import load_sae
+        config, tensors = read_model(path)
+        return sae_from_tensors(config, tensors, source=path).to(device)
 
-        return load_sae(path, device=device)
+
+def sae_from_tensors(
+    config: SAEConfig, tensors: dict[str, Tensor], *, source: str | Path = "tensors"
+) -> SAE:
+    """An SAE holding ``tensors`` (``W_enc``, ``b_enc``, ``W_dec``, ``b_dec`` in ``config.dtype``,
+    our orientation) after :func:`~hsae_runtime.format.validate_tensors`; no copy is made.
+
+    ``source`` names where the tensors came from in error messages.
+    """
+    validate_tensors(config, tensors, source)
+    sae = SAE(config, device="meta")
+    sae.load_state_dict(tensors, assign=True)
+    return sae
 
 
 def fvu(x: Tensor, x_hat: Tensor) -> Tensor:

@@ -47,9 +47,9 @@ def load_any(path: Path, fmt: str = "auto", **overrides: str | None):
                 return import_sparsify(path, **overrides)
             case other:
                 raise ConfigError(f"--format must be auto, saelens or sparsify, got {other!r}")
-    from hsae_runtime.format import load_sae
+    from hsae_runtime.sae import SAE
 
-    return load_sae(path)
+    return SAE.load(path)
 
 
 def _size(paths: list[Path]) -> str:
