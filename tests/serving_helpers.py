@@ -1,4 +1,5 @@
-"""Shared pieces of the serving tests (not a test module): a slow backend, an in-process server.
+"""Shared pieces of the serving tests (not a test module): a slow backend, an in-process server,
+a throwaway TLS certificate.
 
 ``start_server`` runs the real gRPC server on 127.0.0.1, port 0, over the tiny SAE (and the
 tiny LM when given), with small limits so size errors are cheap to provoke.
@@ -6,9 +7,15 @@ tiny LM when given), with small limits so size errors are cheap to provoke.
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from hsae_runtime.lm import capture, special_token_mask
@@ -65,6 +72,31 @@ def start_server(sae: SAE, lm=None, *, delay: float = 0.0, **batching) -> srv.Ru
         capture=lambda ids, mask, cache=None: capture(lm, HOOKPOINT, ids, mask, cache=cache),
         options=options,
     )
+
+
+@contextmanager
+def running_server(sae: SAE, lm=None, **kwargs) -> Iterator[srv.RunningServer]:
+    """:func:`start_server` for a ``with`` block (a module fixture), stopped with 1 s grace."""
+    running = start_server(sae, lm, **kwargs)
+    try:
+        yield running
+    finally:
+        running.stop(grace=1)
+
+
+def self_signed_tls(folder: Path) -> tuple[Path, Path]:
+    """``(cert.pem, key.pem)`` in ``folder``: a one-day EC certificate for localhost and
+    127.0.0.1 made by the ``openssl`` command; skips the test where that is missing."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
 
 
 def req(**fields):

@@ -96,18 +96,15 @@ def test_long_activation_job_in_chunks_equals_one_encode(sae):
     assert out.fvu is not None and tuple(out.fvu.shape) == (2, 50)
 
 
-@pytest.mark.parametrize("short_kind", ["activations", "text"])
-def test_short_job_waits_for_at_most_one_chunk(lm, sae, short_kind):
+def _short_behind_long(lm, sae, max_chunk_tokens: int, short: Job) -> list[tuple[str, int]]:
+    """Submit a long LM job (8 chunks of :data:`CHUNK` tokens), then ``short`` once the long
+    job's first capture runs; returns the events, with ``("long done" | "short done", 0)``."""
     gated = GatedCapture(lm)
-    batcher = Batcher(TorchBackend(sae), gated, BatcherConfig(max_chunk_tokens=CHUNK))
+    batcher = Batcher(TorchBackend(sae), gated, BatcherConfig(max_chunk_tokens=max_chunk_tokens))
     try:
         long_future = batcher.submit(_lm_job(lm, 8 * CHUNK, budgets=[8]))
         long_future.add_done_callback(gated.note("long done"))
-        assert gated.started.wait(30)  # chunk 0 of the long job is running
-        if short_kind == "activations":
-            short = Job(budgets=[4], activations=np.ones((1, 64), np.float32))
-        else:
-            short = _lm_job(lm, 5, seed=1, budgets=[4])
+        assert gated.started.wait(30)  # the long job's first capture is running
         short_future = batcher.submit(short)
         short_future.add_done_callback(gated.note("short done"))
         gated.release.set()
@@ -115,29 +112,28 @@ def test_short_job_waits_for_at_most_one_chunk(lm, sae, short_kind):
         long_future.result(30)
     finally:
         batcher.close()
-    chunks = [e for e in gated.events if e[0] == "chunk"]
+    return gated.events
+
+
+@pytest.mark.parametrize("short_kind", ["activations", "text"])
+def test_short_job_waits_for_at_most_one_chunk(lm, sae, short_kind):
+    if short_kind == "activations":
+        short = Job(budgets=[4], activations=np.ones((1, 64), np.float32))
+    else:
+        short = _lm_job(lm, 5, seed=1, budgets=[4])
+    events = _short_behind_long(lm, sae, CHUNK, short)
+    chunks = [e for e in events if e[0] == "chunk"]
     assert len(chunks) == 8
-    done = gated.events.index(("short done", 0))
-    assert gated.events[:done] == [("chunk", 0)] + ([("batch", 1)] if short_kind == "text" else [])
-    assert gated.events[-1] == ("long done", 0)
+    done = events.index(("short done", 0))
+    assert events[:done] == [("chunk", 0)] + ([("batch", 1)] if short_kind == "text" else [])
+    assert events[-1] == ("long done", 0)
 
 
 def test_without_chunks_a_short_job_waits_for_the_long_one(lm, sae):
     """The same scenario with ``max_chunk_tokens=0``: the long job runs whole, first."""
-    gated = GatedCapture(lm)
-    batcher = Batcher(TorchBackend(sae), gated, BatcherConfig(max_chunk_tokens=0))
-    try:
-        long_future = batcher.submit(_lm_job(lm, 8 * CHUNK, budgets=[8]))
-        long_future.add_done_callback(gated.note("long done"))
-        assert gated.started.wait(30)
-        short_future = batcher.submit(Job(budgets=[4], activations=np.ones((1, 64), np.float32)))
-        short_future.add_done_callback(gated.note("short done"))
-        gated.release.set()
-        short_future.result(30)
-        long_future.result(30)
-    finally:
-        batcher.close()
-    assert gated.events == [("batch", 1), ("long done", 0), ("short done", 0)]
+    short = Job(budgets=[4], activations=np.ones((1, 64), np.float32))
+    events = _short_behind_long(lm, sae, 0, short)
+    assert events == [("batch", 1), ("long done", 0), ("short done", 0)]
 
 
 @pytest.mark.parametrize("how", ["cancel", "deadline", "client gone"])

@@ -8,8 +8,6 @@ and that the server still answers a good request and a health check afterwards.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +15,16 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from serving_helpers import GOOD, MAX_TOKENS, pb, pb_grpc, req, start_server, wire
+from serving_helpers import (
+    GOOD,
+    MAX_TOKENS,
+    pb,
+    pb_grpc,
+    req,
+    running_server,
+    self_signed_tls,
+    wire,
+)
 
 from hsae_runtime.errors import ConfigError
 from hsae_runtime.serving import server as srv
@@ -40,9 +47,8 @@ def _full(value: float, rows: int = 2) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def server(sae, lm):
-    running = start_server(sae, lm)
-    yield running
-    running.stop(grace=1)
+    with running_server(sae, lm) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +71,15 @@ def _still_serving(channel, stub) -> None:
     )
 
 
-def _status(call, request) -> tuple[grpc.StatusCode, str]:
+def _refused(call, request, code: grpc.StatusCode, match: str) -> str:
+    """Send ``request`` through ``call``; assert it fails with ``code`` and a message holding
+    ``match``; returns that message."""
     with pytest.raises(grpc.RpcError) as info:
         call(request, timeout=30)
-    return info.value.code(), info.value.details() or ""
+    got, details = info.value.code(), info.value.details() or ""
+    assert got == code, details
+    assert match in details, details
+    return details
 
 
 # ------------------------------------------------------------------------------- Encode
@@ -130,9 +141,7 @@ ENCODE_CASES = {
 @pytest.mark.parametrize("case", sorted(ENCODE_CASES))
 def test_encode_abuse(channel, stub, case):
     request, code, match = ENCODE_CASES[case]
-    got, details = _status(stub.Encode, request)
-    assert got == code, details
-    assert match in details, details
+    details = _refused(stub.Encode, request, code, match)
     if code == INVALID:
         assert "hint:" in details or case in _NO_HINT, details
     _still_serving(channel, stub)
@@ -207,10 +216,7 @@ DECODE_CASES = {
 
 @pytest.mark.parametrize("case", sorted(DECODE_CASES))
 def test_decode_abuse(channel, stub, case):
-    request, code, match = DECODE_CASES[case]
-    got, details = _status(stub.Decode, request)
-    assert got == code, details
-    assert match in details, details
+    _refused(stub.Decode, *DECODE_CASES[case])
     _still_serving(channel, stub)
 
 
@@ -255,16 +261,7 @@ def test_wrong_or_missing_token_is_unauthenticated_everywhere(sae):
 # ------------------------------------------------------------------------------- TLS files
 @pytest.fixture(scope="module")
 def tls_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost"],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return cert, key
+    return self_signed_tls(tmp_path_factory.mktemp("tls"))
 
 
 def test_bad_tls_files_name_the_file_not_the_port(sae, tls_pair, tmp_path):

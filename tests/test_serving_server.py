@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from serving_helpers import DelayedBackend
+from serving_helpers import DelayedBackend, self_signed_tls
 
 from hsae_runtime.serving import build_proto
 
@@ -37,17 +36,7 @@ X = np.random.default_rng(1).standard_normal((3, 64)).astype(np.float32)
 
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return cert, key
+    return self_signed_tls(tmp_path_factory.mktemp("tls"))
 
 
 def test_health_and_reflection(sae):

@@ -30,10 +30,10 @@ adds one spliced forward whose hook writes in the reconstructions already made.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec
 
 import torch
 from torch import Tensor
@@ -51,6 +51,7 @@ from hsae_runtime.sae import SAE, per_token_fvu
 from hsae_runtime.training.data import iter_contexts, read_documents
 
 logger = logging.getLogger(__name__)
+P = ParamSpec("P")
 
 DEFAULT_CACHE_BYTES = 256 << 20
 """Captured activations the first pass keeps for the second (the rest are captured again)."""
@@ -149,28 +150,6 @@ class _Model:
         return recon
 
 
-def evaluate(
-    sae: SAE,
-    lm: LoadedLM,
-    data: str | Path | Sequence[Tensor],
-    *,
-    hookpoint: str | None = None,
-    budgets: Sequence[int] | None = None,
-    tokens: int = 100_000,
-    ce_tokens: int | None = None,
-    context: int = 128,
-    lm_batch: int = 8,
-    include_special: bool = False,
-    progress: bool = False,
-    cache_bytes: int = DEFAULT_CACHE_BYTES,
-) -> dict[str, Any]:
-    """Metrics of one SAE: :func:`evaluate_many` with a single model."""
-    return evaluate_many({"model": sae}, lm, data, hookpoint=hookpoint, budgets=budgets,
-                         tokens=tokens, ce_tokens=ce_tokens, context=context, lm_batch=lm_batch,
-                         include_special=include_special, progress=progress,
-                         cache_bytes=cache_bytes)["model"]
-
-
 def evaluate_many(
     saes: Mapping[str, SAE],
     lm: LoadedLM,
@@ -223,6 +202,22 @@ def evaluate_many(
         if bar is not None:
             bar.close()
     return {name: _summary(m, n, shared, hp.name) for name, m in models.items()}
+
+
+def _for_one_model(
+    many: Callable[Concatenate[Mapping[str, SAE], P], dict[str, dict[str, Any]]],
+) -> Callable[Concatenate[SAE, P], dict[str, Any]]:
+    """``many`` for a single SAE, with ``many``'s other parameters (and defaults) as they are."""
+
+    def one(sae: SAE, /, *args: P.args, **kwargs: P.kwargs) -> dict[str, Any]:
+        """Metrics of one SAE: :func:`evaluate_many` with a single model."""
+        return many({"model": sae}, *args, **kwargs)["model"]
+
+    return one
+
+
+evaluate = _for_one_model(evaluate_many)
+"""``evaluate(sae, lm, data, **options)``: one SAE's metrics; options as :func:`evaluate_many`."""
 
 
 def _check_models(saes: Mapping[str, SAE], lm: LoadedLM, hookpoint: str | None) -> Hookpoint:
