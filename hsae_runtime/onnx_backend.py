@@ -66,8 +66,8 @@ def _session(model: bytes | str, providers: Sequence[str] | None, threads: int |
     if threads:
         opts.intra_op_num_threads = threads
     # Idle ORT workers spin by default; in a process that also runs torch ops (the server, our
-    # own input checks) they starve torch's OpenMP threads: measured on 2 cores, a 0.1 ms
-    # isfinite took 16-160 ms right after a run. Not spinning cost nothing measurable here.
+    # own input checks) they starve torch's OpenMP threads, so a tiny torch op right after a run
+    # waits for them (numbers in docs/benchmarks-core.md). ORT itself does not need the spin.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model, sess_options=opts,
                                 providers=list(providers or default_providers()))

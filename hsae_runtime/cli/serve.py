@@ -134,12 +134,11 @@ def _tune_malloc(mmap_threshold: int = 1 << 20, top_pad: int = 64 << 20) -> None
     * ``M_MMAP_THRESHOLD`` (1 MiB): glibc raises its mmap threshold each time a large mmapped
       block is freed, so after a few batches the multi-MB buffers come from the heap, which
       fragments and lets RSS creep up under mixed load. An explicit threshold turns that off.
-    * ``M_TOP_PAD`` (64 MiB): with the threshold alone, every buffer over 1 MiB was mmapped,
-      first-touched and unmapped again per batch: ~8,000 page faults (~30 MB) for one 256-row
-      encode at d_sae 16384, which made the server's encode ~15 % slower than the same encode
-      in-process. Each arena now keeps up to 64 MiB of free space at its top, large buffers are
-      carved from it, and a steady batch size faults nothing (measured: ~160 faults/request,
-      loopback / in-process 1.24 -> 1.01-1.12). The cost is at most that pad per busy arena.
+    * ``M_TOP_PAD`` (64 MiB): with the threshold alone, every buffer over 1 MiB would be
+      mmapped, first-touched and unmapped again per batch, so each batch pays thousands of page
+      faults. Each arena keeps up to 64 MiB of free space at its top, large buffers are carved
+      from it, and a steady batch size faults nothing (numbers in ``docs/benchmarks-core.md``).
+      The cost is at most that pad per busy arena.
     """
     import ctypes
     import ctypes.util

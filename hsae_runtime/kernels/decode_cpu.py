@@ -9,9 +9,9 @@ the same latents fire for many tokens (at N = 1024, k = 64, d_sae = 16384 each r
 is another trip to DRAM. Here each thread takes a contiguous slice of the tokens, groups its
 entries by latent (a counting sort, :func:`.encoder_cpu.group_by_latent`), and for every latent
 it needs reads the row once and adds it, scaled, into each of its tokens' outputs. Tokens are
-split between threads (not latents), so outputs never race. Measured on the 2-core dev machine
-(``benchmarks/bench_decode.py``): ~2× faster than ``embedding_bag`` at N = 1024, equal at
-N = 256; :func:`worth_it` picks it only when rows are reused on average.
+split between threads (not latents), so outputs never race. It wins only when rows are reused
+(``benchmarks/bench_decode.py``; numbers in ``docs/benchmarks-core.md``), so :func:`worth_it`
+picks it only when rows are reused on average.
 
 No autograd: :class:`~hsae_runtime.sae.SAE` uses it only when no gradient is needed.
 """

@@ -38,10 +38,8 @@ from torch import Tensor
 BLOCK = 2048  # pre-activations per block program
 MAX_CANDIDATES = 16384  # keys one merge program sorts
 MAX_K = 1024
-# The kernel beats torch.topk only on small batches: on an H200 (Triton 3.6) torch ÷ kernel time
-# was 1.1-3.9x while N · d_sae · K_PAD <= 2**28 (e.g. N <= 512 at d_sae 16384, K 32), mixed up to
-# 2**29, and 0.4-0.8x beyond (N = 4096 at d_sae 65536: 0.38-0.66x). Serving batches are small;
-# training-size batches take torch.topk.
+# The kernel beats torch.topk only on small batches (N · d_sae · K_PAD up to this bound; numbers
+# in docs/benchmarks-core.md). Serving batches are small; training-size batches take torch.topk.
 MAX_KERNEL_WORK = 2**28
 
 
