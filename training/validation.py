@@ -70,7 +70,7 @@ def split_data(data: str, val_fraction: float, seed: int) -> tuple[str, str | No
     split = split_documents(docs, val_fraction=val_fraction, eval_fraction=0.0, seed=seed)
     folder.mkdir(parents=True, exist_ok=True)
     for target, part in ((val_path, split.val), (train_path, split.train)):
-        tmp = target.with_suffix(".tmp")
+        tmp = target.with_suffix(f".{os.getpid()}.tmp")  # DDP ranks write the same files at once
         tmp.write_text("\n\n".join(part) + "\n", encoding="utf-8")
         tmp.replace(target)
     logger.info("validation split of %s: %d train / %d validation documents (seed %d) in %s",
@@ -110,7 +110,7 @@ def validation_activations(lm: object, hookpoint: object, val_data: str, *, toke
     out = torch.cat(parts) if parts else torch.empty(0)
     if path is not None and len(out):
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
         save_file({"acts": out.contiguous()}, tmp)
         tmp.replace(path)
     return out
