@@ -176,7 +176,9 @@ def ce_configs(s: Settings, names: list[str]) -> list[tuple[str, int]]:
         case "claims":
             h, top = f"htopk{s.k_max}", f"topk{max(s.topk_ks)}"
             pairs = [(h, k) for k in s.topk_ks] + [(f"topk{k}", k) for k in s.topk_ks]
-            return pairs + [(top, min(s.topk_ks))] if min(s.topk_ks) != max(s.topk_ks) else pairs
+            if min(s.topk_ks) != max(s.topk_ks):
+                pairs.append((top, min(s.topk_ks)))
+            return [(name, k) for name, k in pairs if name in names]  # --only may drop some
         case other:
             raise ValueError(f"ce_mode must be all or claims, got {other!r}")
 
