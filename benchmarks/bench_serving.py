@@ -48,7 +48,15 @@ from hsae_runtime.serving import build_proto
 
 build_proto.ensure()
 
-from serving_common import D_IN, D_SAE, K_MAX, ServerProcess, machine, median_ms  # noqa: E402
+from serving_common import (  # noqa: E402
+    D_IN,
+    D_SAE,
+    K_MAX,
+    ServerProcess,
+    lm_sae,
+    machine,
+    median_ms,
+)
 from serving_load import bench_load  # noqa: E402
 
 from hsae_runtime.client import Client  # noqa: E402
@@ -181,23 +189,6 @@ def bench_batching(model: Path, per_client: int, reps: int, lm: bool = False) ->
         for server in servers.values():
             server.stop()
     return {f"batching_{name}_rps": statistics.median(v) for name, v in samples.items()}
-
-
-def lm_sae(folder: Path) -> Path | None:
-    """A random SAE for Gemma-3 270M's layer 6 (d_in 640), or None without the GGUF package."""
-    try:
-        from hsae_runtime.gguf import gemma3_270m_path
-
-        gguf = gemma3_270m_path()
-    except Exception as err:  # noqa: BLE001 - the LM row is optional
-        print(f"(skipping the LM batching row: {err})")
-        return None
-    config = SAEConfig(
-        d_in=640, d_sae=4096, k_max=K_MAX, model_name=str(gguf), hookpoint="model.layers.6"
-    )
-    path = folder / "gemma3.safetensors"
-    SAE(config).save(path)
-    return path
 
 
 # ---------------------------------------------------------------------------- main

@@ -19,6 +19,9 @@ from pathlib import Path
 import grpc
 import torch
 
+from hsae_runtime.config import SAEConfig
+from hsae_runtime.sae import SAE
+
 D_IN, D_SAE, K_MAX = 2304, 16384, 64
 
 
@@ -51,14 +54,27 @@ class ServerProcess:
         return f"127.0.0.1:{self.port}"
 
     def rss_bytes(self) -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise RuntimeError("no VmRSS")
+        return self.memory()["VmRSS"]
 
-    def stop(self) -> int:
+    def memory(self) -> dict[str, int]:
+        """Bytes of ``VmRSS`` and its parts ``RssAnon`` (heap) and ``RssFile`` (mapped files)."""
+        out = {}
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            key = line.split(":", 1)[0]
+            if key in ("VmRSS", "RssAnon", "RssFile"):
+                out[key] = int(line.split()[1]) * 1024
+        if "VmRSS" not in out:
+            raise RuntimeError("no VmRSS")
+        return out
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM, then the exit code; prints the server's last log lines if it hangs."""
         self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(60)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            print("server did not exit; its log ends with:\n" + "".join(self.log[-20:]))
+            raise
 
 
 def median_ms(samples: list[float]) -> float:
@@ -79,3 +95,20 @@ def machine() -> str:
         f"({torch.get_num_threads()} threads), grpcio {grpc.__version__}, "
         f"Python {platform.python_version()}"
     )
+
+
+def lm_sae(folder: Path) -> Path | None:
+    """A random SAE for Gemma-3 270M's layer 6 (d_in 640), or None without the GGUF package."""
+    try:
+        from hsae_runtime.gguf import gemma3_270m_path
+
+        gguf = gemma3_270m_path()
+    except Exception as err:  # noqa: BLE001 - the LM rows are optional
+        print(f"(skipping the LM rows: {err})")
+        return None
+    config = SAEConfig(
+        d_in=640, d_sae=4096, k_max=K_MAX, model_name=str(gguf), hookpoint="model.layers.6"
+    )
+    path = folder / "gemma3.safetensors"
+    SAE(config).save(path)
+    return path

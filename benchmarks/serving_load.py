@@ -13,6 +13,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -130,3 +131,352 @@ def bench_load(model: Path, per_client: int) -> dict[str, object]:
     result["rss_growth_pct"] = 100 * (rss_after - rss_before) / rss_before
     result["exit_code"] = rc
     return result
+
+
+# ---------------------------------------------------------------------------- LM traffic
+def corpus_words() -> list[str]:
+    """Words of the WikiText-2 validation text next to the checkout (or a small stand-in)."""
+    path = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wikitext2-valid.txt"
+    if path.exists():
+        return path.read_text(encoding="utf-8").split()
+    return ("the cat sat on the mat while seven engines hummed in the winter castle " * 50).split()
+
+
+def lm_vocab_size(model: Path) -> int:
+    """The vocabulary size of the LM named by the SAE file ``model`` (its config.json)."""
+    import json
+
+    from hsae_runtime.format import read_config
+    from hsae_runtime.gguf import dequantised_folder
+
+    name = Path(read_config(model).model_name)
+    folder = dequantised_folder(name, None) if name.suffix == ".gguf" else name
+    return int(json.loads((folder / "config.json").read_text())["vocab_size"])
+
+
+def text_token_request(
+    c: Client, rng: random.Random, words: list[str], vocab: int, d_in: int
+) -> tuple[str, grpc.StatusCode | None]:
+    """One random LM-traffic request: text, token ids, a few activation rows or a bad one."""
+    roll = rng.random()
+    budgets = sorted(rng.sample([8, 16, 32, 64], rng.randint(1, 3)))
+    fvu = rng.random() < 0.3
+    if roll < 0.4:
+        start, n = rng.randrange(len(words) - 64), rng.randint(5, 60)
+        c.encode(text=" ".join(words[start : start + n]), budgets=budgets, fvu=fvu)
+        return "text", None
+    if roll < 0.8:
+        ids = [rng.randrange(vocab) for _ in range(rng.randint(4, 64))]
+        c.encode(tokens=ids, budgets=budgets, fvu=fvu)
+        return "tokens", None
+    if roll < 0.9:
+        x = np.random.default_rng(rng.randrange(2**31)).standard_normal((rng.randint(1, 4), d_in))
+        c.encode(activations=x.astype(np.float32), budgets=budgets)
+        return "activations", None
+    match rng.choice(("bad_token", "empty_text", "budget_zero")):
+        case "bad_token":
+            c.encode(tokens=[1, vocab + 5], budgets=[8])
+        case "empty_text":
+            c.encode(text="   ", budgets=[8])
+        case "budget_zero":
+            c.encode(text="hello", budgets=[0])
+        case other:
+            raise ValueError(other)
+    return "bad", grpc.StatusCode.INVALID_ARGUMENT
+
+
+def lm_round(
+    address: str, clients: int, per_client: int, seed: int, words: list[str], vocab: int, d_in: int
+) -> dict[str, Any]:
+    latencies: list[float] = []
+    unexpected: list[str] = []
+    lock = threading.Lock()
+
+    def run(i: int) -> None:
+        rng = random.Random(seed * 1000 + i)
+        with Client(address, timeout=300) as c:
+            for _ in range(per_client):
+                t = time.perf_counter()
+                expected: grpc.StatusCode | None = grpc.StatusCode.INVALID_ARGUMENT
+                try:
+                    kind, expected = text_token_request(c, rng, words, vocab, d_in)
+                    problem = f"{kind}: expected {expected.name}, got OK" if expected else ""
+                except ServerError as err:
+                    problem = "" if err.code == expected else str(err)
+                with lock:
+                    latencies.append(time.perf_counter() - t)
+                    if problem:
+                        unexpected.append(problem)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    lat = sorted(latencies)
+    return {"requests": len(lat), "unexpected": unexpected, "p99_ms": _pct(lat, 0.99) * 1e3}
+
+
+def bench_soak(model: Path, rounds: int, clients: int, per_client: int) -> dict[str, Any]:
+    """RSS over ``rounds`` rounds of text / token traffic after one warm-up round."""
+    words, vocab = corpus_words(), lm_vocab_size(model)
+    server = ServerProcess(model, lm=True)
+    try:
+        with Client(server.address) as c:
+            d_in = c.info().d_in
+        start_mem = server.memory()
+        lm_round(server.address, clients, per_client, 0, words, vocab, d_in)  # warm-up
+        mems, unexpected, requests = [server.memory()], [], 0
+        for r in range(rounds):
+            res = lm_round(server.address, clients, per_client, r + 1, words, vocab, d_in)
+            mems.append(server.memory())
+            unexpected += res["unexpected"]
+            requests += res["requests"]
+            print(f"  soak round {r + 1}/{rounds}: " + _mem_text(mems[-1]), flush=True)
+        rc = server.stop(timeout=180)
+    except BaseException:
+        server.proc.kill()
+        raise
+    first, last = mems[0], mems[-1]
+    return {
+        "requests": requests,
+        "unexpected": unexpected,
+        "start": start_mem,
+        "after_warmup": first,
+        "end": last,
+        "peak_rss": max(m["VmRSS"] for m in mems),
+        "rss_growth_pct": 100 * (last["VmRSS"] - first["VmRSS"]) / first["VmRSS"],
+        "exit_code": rc,
+    }
+
+
+# ---------------------------------------------------------------------------- abuse
+class _IdleFeed:
+    """A request iterator that sends nothing until closed."""
+
+    def __init__(self) -> None:
+        self._closed = threading.Event()
+
+    def close(self) -> None:
+        self._closed.set()
+
+    def __iter__(self):
+        self._closed.wait()
+        return
+        yield
+
+
+def ten_mb_text(c: Client) -> tuple[float, grpc.StatusCode | None]:
+    """Send a 10 MiB text; (seconds to the answer, its status: None = accepted)."""
+    text = "the quick brown fox " * (10 * 2**20 // 20)
+    t = time.perf_counter()
+    try:
+        c.encode(text=text, budgets=[8], timeout=120)
+    except ServerError as err:
+        return time.perf_counter() - t, err.code
+    return time.perf_counter() - t, None
+
+
+def bench_abuse(model: Path, idle_streams: int = 72, small_clients: int = 16) -> dict[str, Any]:
+    """Idle streams, a max-size request, small clients, health probes and a 10 MiB text at once.
+
+    Expected statuses are not errors: streams past the cap get RESOURCE_EXHAUSTED (or, once
+    idle past the timeout, DEADLINE_EXCEEDED) and the 10 MiB text INVALID_ARGUMENT.
+    """
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from hsae_runtime.serving.stubs import load as load_stubs
+
+    pb, pb_grpc = load_stubs()
+    vocab = lm_vocab_size(model)
+    rng = random.Random(0)
+    server = ServerProcess(model, lm=True)
+    out: dict[str, Any] = {}
+    unexpected: list[str] = []
+    try:
+        address = server.address
+        with Client(address, timeout=300) as c:
+            d_in, max_tokens = c.info().d_in, c.info().max_request_tokens
+            # Warm-up: one LM request of each size class, then the 10 MiB text alone.
+            c.encode(tokens=[rng.randrange(vocab) for _ in range(16)], budgets=[8])
+            t = time.perf_counter()
+            c.encode(tokens=[rng.randrange(vocab) for _ in range(512)], budgets=[8])
+            out["chunk_ms"] = (time.perf_counter() - t) * 1e3  # one 512-token forward, alone
+            before = server.memory()
+            out["text10_s"], code = ten_mb_text(c)
+            out["text10_rss"] = (before["VmRSS"], server.memory()["VmRSS"])
+            if code != grpc.StatusCode.INVALID_ARGUMENT:
+                unexpected.append(f"10 MiB text: {code}")
+        out["rss_before"] = server.memory()["VmRSS"]
+
+        stop = threading.Event()
+        health_lat: list[float] = []
+        health_fail: list[str] = []
+
+        def probe() -> None:
+            with grpc.insecure_channel(address) as ch:
+                stub = health_pb2_grpc.HealthStub(ch)
+                while not stop.is_set():
+                    t = time.perf_counter()
+                    try:
+                        stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                        health_lat.append(time.perf_counter() - t)
+                    except grpc.RpcError as err:
+                        health_fail.append(str(err.code()))
+                    stop.wait(0.05)
+
+        prober = threading.Thread(target=probe)
+        prober.start()
+        stream_channel = grpc.insecure_channel(address)
+        feeds = [_IdleFeed() for _ in range(idle_streams)]
+        calls = [pb_grpc.HSAEStub(stream_channel).EncodeStream(iter(f)) for f in feeds]
+        time.sleep(1.0)
+        refused = [c for c in calls if c.done()]
+        out["streams"] = (len(calls) - len(refused), len(refused))
+        for call in refused:
+            if call.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                unexpected.append(f"stream: {call.code()}")
+
+        long_done = threading.Event()
+
+        def long_request() -> None:
+            ids = [rng.randrange(vocab) for _ in range(max_tokens)]
+            t = time.perf_counter()
+            try:
+                with Client(address, timeout=600) as c:
+                    c.encode(tokens=ids, budgets=[8])
+            except ServerError as err:
+                unexpected.append(f"long request: {err}")
+            out["long_s"] = time.perf_counter() - t
+            long_done.set()
+
+        small_lat: list[float] = []
+
+        def small(i: int) -> None:
+            x = np.random.default_rng(i).standard_normal((1, d_in)).astype(np.float32)
+            with Client(address, timeout=300) as c:
+                for _ in range(200):
+                    t = time.perf_counter()
+                    try:
+                        c.encode(activations=x, budgets=[8])
+                        small_lat.append(time.perf_counter() - t)
+                    except ServerError as err:
+                        unexpected.append(f"small client: {err}")
+                    if long_done.is_set():
+                        return
+
+        workers = [threading.Thread(target=long_request)]
+        workers += [threading.Thread(target=small, args=(i,)) for i in range(small_clients)]
+        for w in workers:
+            w.start()
+        time.sleep(1.0)
+        with Client(address) as c:  # the 10 MiB text again, in the middle of it all
+            out["text10_busy_s"], code = ten_mb_text(c)
+            if code != grpc.StatusCode.INVALID_ARGUMENT:
+                unexpected.append(f"10 MiB text under load: {code}")
+        for w in workers:
+            w.join()
+        stop.set()
+        prober.join()
+        for call in calls:
+            if call.done() and call not in refused:
+                if call.code() != grpc.StatusCode.DEADLINE_EXCEEDED:  # idle timeout
+                    unexpected.append(f"open stream ended: {call.code()}")
+            call.cancel()
+        for f in feeds:
+            f.close()
+        stream_channel.close()
+        out["rss_after"] = server.memory()["VmRSS"]
+        rc = server.stop(timeout=180)
+    except BaseException:
+        server.proc.kill()
+        raise
+    small_sorted, health_sorted = sorted(small_lat), sorted(health_lat)
+    out.update(
+        small_requests=len(small_sorted),
+        small_p50_ms=_pct(small_sorted, 0.5) * 1e3,
+        small_p99_ms=_pct(small_sorted, 0.99) * 1e3,
+        small_max_ms=small_sorted[-1] * 1e3 if small_sorted else float("nan"),
+        health_checks=len(health_sorted),
+        health_failures=health_fail,
+        health_p99_ms=_pct(health_sorted, 0.99) * 1e3,
+        health_max_ms=health_sorted[-1] * 1e3 if health_sorted else float("nan"),
+        unexpected=unexpected,
+        exit_code=rc,
+    )
+    return out
+
+
+def _pct(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * q))]
+
+
+def _mem_text(m: dict[str, int]) -> str:
+    return " ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in m.items())
+
+
+# ---------------------------------------------------------------------------- main
+def main() -> int:
+    import argparse
+    import os
+    import tempfile
+
+    from serving_common import lm_sae, machine
+
+    parser = argparse.ArgumentParser(description="LM soak and abuse rounds of the serving bench")
+    parser.add_argument("--quick", action="store_true", help="2 short soak rounds (smoke test)")
+    parser.add_argument("--rounds", type=int, default=8, help="soak rounds after the warm-up")
+    parser.add_argument("--per-client", type=int, default=300, help="soak requests per client")
+    parser.add_argument("--only", choices=("soak", "abuse"), help="run one of the two")
+    args = parser.parse_args()
+    rounds, per_client = (2, 30) if args.quick else (args.rounds, args.per_client)
+    print(f"machine: {machine()}")
+    mib = 2**20
+    ok = True
+    with tempfile.TemporaryDirectory() as tmp:
+        model = lm_sae(Path(tmp))
+        if model is None:
+            return 1
+        if args.only != "abuse":
+            s = bench_soak(model, rounds, 8, per_client)
+            a, e = s["after_warmup"], s["end"]
+            print(
+                f"soak: {rounds} rounds x 8 clients x {per_client} text/token requests after a "
+                f"warm-up round ({s['requests']} requests), unexpected errors "
+                f"{len(s['unexpected'])}: {s['unexpected'][:3]}"
+            )
+            print(f"  start       {_mem_text(s['start'])}")
+            print(f"  after warm-up {_mem_text(a)}")
+            print(f"  end         {_mem_text(e)}")
+            print(
+                f"  RSS growth {s['rss_growth_pct']:+.1f} % (target < 5 %), peak "
+                f"{s['peak_rss'] / mib:.0f} MiB, exit code {s['exit_code']}"
+            )
+            ok &= s["rss_growth_pct"] < 5 and not s["unexpected"]
+        if args.only != "soak":
+            r = bench_abuse(model)
+            t0, t1 = r["text10_rss"]
+            print("abuse round (Gemma-3 270M L6 server, defaults):")
+            print(f"  10 MiB text alone: refused in {r['text10_s'] * 1e3:.0f} ms, RSS "
+                  f"{t0 / mib:.0f} -> {t1 / mib:.0f} MiB ({(t1 - t0) / mib:+.1f} MiB)")  # fmt: skip
+            print(f"  10 MiB text under load: {r['text10_busy_s'] * 1e3:.0f} ms")
+            print(f"  idle streams open / refused: {r['streams']}")
+            print(f"  max-size request: {r['long_s']:.1f} s (one 512-token request alone: "
+                  f"{r['chunk_ms']:.0f} ms)")  # fmt: skip
+            print(f"  16 small clients: {r['small_requests']} requests, p50 "
+                  f"{r['small_p50_ms']:.0f} ms, p99 {r['small_p99_ms']:.0f} ms, max "
+                  f"{r['small_max_ms']:.0f} ms")  # fmt: skip
+            print(f"  health: {r['health_checks']} checks, p99 {r['health_p99_ms']:.1f} ms, max "
+                  f"{r['health_max_ms']:.1f} ms, failures {r['health_failures']}")  # fmt: skip
+            print(f"  RSS {r['rss_before'] / mib:.0f} -> {r['rss_after'] / mib:.0f} MiB; "
+                  f"unexpected errors {len(r['unexpected'])}: {r['unexpected'][:3]}; "
+                  f"exit code {r['exit_code']}")  # fmt: skip
+            ok &= not r["unexpected"] and r["health_max_ms"] < 100
+    print(f"load average at the end: {os.getloadavg()}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
