@@ -11,6 +11,8 @@
   chunks before it (same activations as one forward over the whole sequence, in a fraction of
   the time per call: a server interleaves the chunks with other work).
 * :func:`splice` runs the full LM with the hookpoint's output replaced by ``replace(x)``.
+* :func:`forward_cached` runs the full LM on the next chunk of sequences on a
+  :class:`PrefixCache` (generation: one new token per step).
 
 Hooks live only for one call and act only in the thread that registered them, so concurrent
 calls on one shared model (a server) never see each other's hooks.
@@ -333,11 +335,16 @@ def capture(
 
 
 def _cached_forward_kwargs(
-    lm: LoadedLM, input_ids: Tensor, attention_mask: Tensor | None, cache: PrefixCache
+    lm: LoadedLM,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    cache: PrefixCache,
+    positions: Tensor | None = None,
 ) -> dict[str, Any]:
     """Forward arguments for one chunk on top of ``cache``: the KV cache, the attention mask of
-    all positions so far ``[B, T_past + T]`` and explicit positions ``[1, T]`` (a hookpoint
-    before block 0 leaves the KV cache empty, so its length cannot give them)."""
+    all positions so far ``[B, T_past + T]`` and explicit positions (``positions [B, T]`` if
+    given, else ``[1, T]`` from ``cache.length``: a hookpoint before block 0 leaves the KV cache
+    empty, so its length cannot give them)."""
     from transformers import DynamicCache
 
     b, t = input_ids.shape
@@ -347,7 +354,8 @@ def _cached_forward_kwargs(
     if cache.kv is None:
         cache.kv = DynamicCache(config=cast(Any, lm.model).config)
     full_mask = chunk_mask if cache.mask is None else torch.cat([cache.mask, chunk_mask], dim=1)
-    positions = torch.arange(cache.length, cache.length + t, device=input_ids.device)[None]
+    if positions is None:
+        positions = torch.arange(cache.length, cache.length + t, device=input_ids.device)[None]
     return {
         "attention_mask": full_mask,
         "position_ids": positions,
@@ -362,6 +370,24 @@ def _cache_keyword(model_class: type) -> str:
     ``past_key_values`` (earlier; an unknown keyword would be silently ignored)."""
     params = inspect.signature(model_class.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
+
+
+def forward_cached(
+    lm: LoadedLM, input_ids: Tensor, attention_mask: Tensor, cache: PrefixCache, positions: Tensor
+) -> Tensor:
+    """Full-LM logits of the last position, ``[B, vocab]``, for the next chunk on ``cache``.
+
+    ``input_ids``, ``attention_mask`` and ``positions`` are ``[B, T]`` (``positions``: each
+    token's position in its own sequence, so left-padded rows count from their first token).
+    The cache is extended in place, so generation runs each new token as a chunk of one: one
+    token of LM forward per step. Hooks opened with :func:`hook` act during the call.
+    """
+    input_ids, attention_mask = _check_ids(lm, input_ids, attention_mask)
+    kwargs = _cached_forward_kwargs(lm, input_ids, attention_mask, cache, positions.to(lm.device))
+    with torch.inference_mode():
+        out = lm.model(input_ids=input_ids, logits_to_keep=1, **kwargs)
+    cache.mask = kwargs["attention_mask"]
+    return out.logits[:, -1]
 
 
 def splice(
