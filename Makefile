@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-EXTRAS ?= cpu,dev,gguf
+EXTRAS ?= cpu,dev,gguf,serving
 PYTEST_ARGS ?= -m "not slow"
 
 .PHONY: install proto test test-slow lint demo bench pareto clean
