@@ -12,12 +12,26 @@ shape ``[N]`` — is declared ``dims: [1]`` with ``reshape { shape: [] }``, Trit
 per-item scalar. Because every input carries the batch dimension, requests with different
 budgets batch together.
 
-The text is generated here and checked by parsing it as Triton's ``ModelConfig`` protobuf in the
-tests (``tritonclient`` ships ``model_config_pb2``).
+Two backends (``backend``):
+
+- ``onnx`` — the layout above (``platform: "onnxruntime_onnx"``), for NVIDIA's container, which
+  has the ONNX Runtime backend.
+- ``python`` — ``DIR/<name>/1/model.py`` (:mod:`hsae_runtime.exporters.triton_model`) runs the
+  SAE through ``hsae_runtime`` in Triton's Python backend, which any ``tritonserver`` has (the
+  one bundled in ``nvidia-pytriton`` too). The model file is copied next to it
+  (``1/model.safetensors``) or referenced by path (config parameter ``model_file``). Inputs
+  ``x`` (float32, float16 or bfloat16), ``k`` and an optional ``budgets`` (per-row fixed
+  budgets for ``reconstructions``, ``dims [-1]``); outputs as in
+  :mod:`hsae_runtime.exporters.triton_batch`.
+
+Dynamic batching is on unless ``queue_delay_us`` is ``None``. The text is generated here and
+checked by parsing it as Triton's ``ModelConfig`` protobuf in the tests (``tritonclient`` ships
+``model_config_pb2``) and, for the Python backend, by serving it in a real ``tritonserver``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +46,50 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 InstanceKind = Literal["auto", "cpu", "gpu"]
-_TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16"}
+TritonBackend = Literal["python", "onnx"]
+_TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16"}
+MODEL_FILE = "model.safetensors"
+"""The model file's name in a Python-backend version folder when it is copied there."""
+
+
+def _check_common(name: str, max_batch_size: int, queue_delay_us: int | None,
+                  instance_count: int) -> None:
+    if not name or "/" in name or name.startswith("."):
+        raise ConfigError(f"Triton model name must be a plain folder name, got {name!r}")
+    if max_batch_size < 1:
+        raise ConfigError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    if queue_delay_us is not None and queue_delay_us < 0:
+        raise ConfigError(f"queue_delay_us must be >= 0, got {queue_delay_us}")
+    if instance_count < 1:
+        raise ConfigError(f"instance_count must be >= 1, got {instance_count}")
+
+
+def _tensor_lines(tensors: list[tuple[str, str, str]]) -> list[str]:
+    """``{ name, data_type, dims... }`` entries, comma-separated; tuples (name, type, rest)."""
+    return [f"  {{ name: \"{n}\", data_type: {t}, {rest} }}" + ("," if i < len(tensors) - 1 else "")
+            for i, (n, t, rest) in enumerate(tensors)]
+
+
+def _tail_lines(queue_delay_us: int | None, instance_kind: InstanceKind,
+                instance_count: int) -> list[str]:
+    """The dynamic batching and instance group blocks."""
+    lines = []
+    if queue_delay_us is not None:
+        lines += ["dynamic_batching {", f"  max_queue_delay_microseconds: {queue_delay_us}", "}"]
+    match instance_kind:
+        case "auto":
+            if instance_count != 1:  # Triton's default kind, with a count
+                lines.append(f"instance_group [ {{ count: {instance_count} }} ]")
+        case "cpu" | "gpu":
+            kind = "KIND_CPU" if instance_kind == "cpu" else "KIND_GPU"
+            lines.append(f"instance_group [ {{ count: {instance_count}, kind: {kind} }} ]")
+        case other:
+            raise ConfigError(f"instance_kind must be auto, cpu or gpu, got {other!r}")
+    return lines
+
+
+def _dims(*dims: int) -> str:
+    return "dims: [ " + ", ".join(map(str, dims)) + " ]"
 
 
 def config_pbtxt(
@@ -43,54 +100,120 @@ def config_pbtxt(
     dtype: str = "float32",
     n_budgets_out: int = 0,
     max_batch_size: int = 256,
-    queue_delay_us: int = 100,
+    queue_delay_us: int | None = 100,
     instance_kind: InstanceKind = "auto",
     instance_count: int = 1,
 ) -> str:
     """The ``config.pbtxt`` text for the graph of :mod:`hsae_runtime.exporters.onnx`."""
-    if not name or "/" in name or name.startswith("."):
-        raise ConfigError(f"Triton model name must be a plain folder name, got {name!r}")
-    if max_batch_size < 1:
-        raise ConfigError(f"max_batch_size must be >= 1, got {max_batch_size}")
-    if queue_delay_us < 0:
-        raise ConfigError(f"queue_delay_us must be >= 0, got {queue_delay_us}")
+    _check_common(name, max_batch_size, queue_delay_us, instance_count)
+    if dtype not in ("float32", "float16"):
+        raise ConfigError(f"the ONNX backend takes float32 or float16, got {dtype!r}")
     ttype = _TRITON_TYPES[dtype]
     outputs = [
-        ("values", ttype, [k_max]),
-        ("indices", "TYPE_INT64", [k_max]),
-        ("reconstruction", ttype, [d_in]),
+        ("values", ttype, _dims(k_max)),
+        ("indices", "TYPE_INT64", _dims(k_max)),
+        ("reconstruction", ttype, _dims(d_in)),
     ]
     if n_budgets_out:
-        outputs.append(("reconstructions", ttype, [n_budgets_out, d_in]))
+        outputs.append(("reconstructions", ttype, _dims(n_budgets_out, d_in)))
     lines = [
         f'name: "{name}"',
         'platform: "onnxruntime_onnx"',
         f"max_batch_size: {max_batch_size}",
         "input [",
-        f'  {{ name: "x", data_type: {ttype}, dims: [ {d_in} ] }},',
-        '  { name: "k", data_type: TYPE_INT64, dims: [ 1 ], reshape: { shape: [ ] } }',
+        *_tensor_lines([("x", ttype, _dims(d_in)),
+                        ("k", "TYPE_INT64", _dims(1) + ", reshape: { shape: [ ] }")]),
         "]",
         "output [",
-    ]
-    for i, (out, t, dims) in enumerate(outputs):
-        sep = "," if i < len(outputs) - 1 else ""
-        dims_text = ", ".join(map(str, dims))
-        lines.append(f'  {{ name: "{out}", data_type: {t}, dims: [ {dims_text} ] }}{sep}')
-    lines += [
+        *_tensor_lines(outputs),
         "]",
-        "dynamic_batching {",
-        f"  max_queue_delay_microseconds: {queue_delay_us}",
-        "}",
+        *_tail_lines(queue_delay_us, instance_kind, instance_count),
     ]
-    match instance_kind:
-        case "auto":
-            pass  # Triton puts the model on every GPU it has, else on the CPU
-        case "cpu" | "gpu":
-            kind = "KIND_CPU" if instance_kind == "cpu" else "KIND_GPU"
-            lines.append(f"instance_group [ {{ count: {instance_count}, kind: {kind} }} ]")
-        case other:
-            raise ConfigError(f"instance_kind must be auto, cpu or gpu, got {other!r}")
     return "\n".join(lines) + "\n"
+
+
+def python_config_pbtxt(
+    name: str,
+    *,
+    d_in: int,
+    k_max: int,
+    dtype: str = "float32",
+    model_file: str = MODEL_FILE,
+    max_batch_size: int = 256,
+    queue_delay_us: int | None = 100,
+    instance_kind: InstanceKind = "auto",
+    instance_count: int = 1,
+) -> str:
+    """The ``config.pbtxt`` text for the Python-backend model (``backend: "python"``)."""
+    _check_common(name, max_batch_size, queue_delay_us, instance_count)
+    if dtype not in _TRITON_TYPES:
+        raise ConfigError(f"dtype must be one of {sorted(_TRITON_TYPES)}, got {dtype!r}")
+    ttype = _TRITON_TYPES[dtype]
+    lines = [
+        f'name: "{name}"',
+        'backend: "python"',
+        f"max_batch_size: {max_batch_size}",
+        "input [",
+        *_tensor_lines([("x", ttype, _dims(d_in)), ("k", "TYPE_INT64", _dims(1)),
+                        ("budgets", "TYPE_INT64", _dims(-1) + ", optional: true")]),
+        "]",
+        "output [",
+        *_tensor_lines([("values", ttype, _dims(k_max)), ("indices", "TYPE_INT64", _dims(k_max)),
+                        ("reconstruction", ttype, _dims(d_in)),
+                        ("reconstructions", ttype, _dims(-1, d_in))]),
+        "]",
+        *_tail_lines(queue_delay_us, instance_kind, instance_count),
+        f'parameters {{ key: "model_file", value: {{ string_value: {json.dumps(model_file)} }} }}',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def export_triton_python_repo(
+    sae: SAE,
+    repo: str | Path,
+    *,
+    name: str = "hsae",
+    dtype: str = "float32",
+    model_file: str | Path | None = None,
+    max_batch_size: int = 256,
+    queue_delay_us: int | None = 100,
+    instance_kind: InstanceKind = "auto",
+    instance_count: int = 1,
+) -> tuple[Path, list[Path]]:
+    """Write a Python-backend entry ``repo/<name>/`` (config, ``1/model.py``, the model file).
+
+    ``model_file``: an existing hsae-runtime model file to reference by its absolute path
+    instead of copying ``sae`` into ``1/model.safetensors`` (the repository then depends on
+    that path). Returns the config path and every file written.
+    """
+    import shutil
+
+    from hsae_runtime.format import read_config
+
+    version_dir = Path(repo) / name / "1"
+    if model_file is not None:
+        model_file = Path(model_file).resolve()
+        if read_config(model_file) != sae.config:
+            raise ConfigError(f"{model_file} is not the model being exported",
+                              hint="reference the model file you export, or copy it")
+        param = str(model_file)
+    else:
+        param = MODEL_FILE
+    text = python_config_pbtxt(
+        name, d_in=sae.config.d_in, k_max=sae.config.k_max, dtype=dtype, model_file=param,
+        max_batch_size=max_batch_size, queue_delay_us=queue_delay_us,
+        instance_kind=instance_kind, instance_count=instance_count,
+    )
+    version_dir.mkdir(parents=True, exist_ok=True)
+    files = [version_dir / "model.py"]
+    shutil.copyfile(Path(__file__).with_name("triton_model.py"), files[0])
+    if model_file is None:
+        files.append(version_dir / MODEL_FILE)
+        sae.save(files[-1])
+    config_path = version_dir.parent / "config.pbtxt"
+    config_path.write_text(text, encoding="utf-8")
+    log.info("wrote Triton Python-backend model %s", version_dir.parent)
+    return config_path, [config_path, *files]
 
 
 def export_triton_repo(
@@ -101,8 +224,9 @@ def export_triton_repo(
     dtype: OnnxDType = "float32",
     budgets_out: Sequence[int] | None = None,
     max_batch_size: int = 256,
-    queue_delay_us: int = 100,
+    queue_delay_us: int | None = 100,
     instance_kind: InstanceKind = "auto",
+    instance_count: int = 1,
     validate: bool = True,
     reuse: OnnxExport | None = None,
 ) -> tuple[Path, OnnxExport]:
@@ -122,6 +246,7 @@ def export_triton_repo(
         name, d_in=sae.config.d_in, k_max=sae.config.k_max, dtype=dtype,
         n_budgets_out=len(fixed), max_batch_size=max_batch_size,
         queue_delay_us=queue_delay_us, instance_kind=instance_kind,
+        instance_count=instance_count,
     )
     model_dir = Path(repo) / name
     target = model_dir / "1" / "model.onnx"

@@ -28,7 +28,8 @@ def test_export_everything_then_import(model, tmp_path):
     sae, path = model
     res = runner.invoke(app, [
         "export", str(path), "--onnx", str(tmp_path / "m.onnx"), "--budgets-out", "2,4",
-        "--triton-repo", str(tmp_path / "repo"), "--triton-name", "sae", "--max-batch-size", "8",
+        "--triton-repo", str(tmp_path / "repo"), "--triton-backend", "onnx", "--triton-name", "sae",
+        "--max-batch-size", "8",
         "--queue-delay-us", "50", "--safetensors", str(tmp_path / "copy.safetensors"),
         "--saelens", str(tmp_path / "lens"), "--sparsify", str(tmp_path / "spars"),
     ])

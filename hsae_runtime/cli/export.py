@@ -2,9 +2,10 @@
 
 ``export MODEL`` reads an hsae-runtime ``.safetensors`` file (or a SAELens / sparsify folder,
 detected by its weights file) and writes any of: a validated ONNX graph, a Triton model
-repository, a copy of the model file, a SAELens folder, a sparsify folder. ``import FOLDER``
-converts a SAELens or sparsify folder into our single-file format. Each step is logged with its
-time, and one summary line closes the run.
+repository (Python backend by default, or the ONNX graph with ``--triton-backend onnx``), a
+copy of the model file, a SAELens folder, a sparsify folder. ``import FOLDER`` converts a
+SAELens or sparsify folder into our single-file format. Each step is logged with its time, and
+one summary line closes the run.
 """
 
 from __future__ import annotations
@@ -64,7 +65,10 @@ def export(
         ..., help="An hsae-runtime .safetensors model, or a SAELens / sparsify folder."
     ),
     onnx: Path | None = typer.Option(None, "--onnx", help="Write a validated ONNX graph here."),
-    dtype: str = typer.Option("float32", "--dtype", help="ONNX/Triton dtype: float32|float16."),
+    dtype: str = typer.Option(
+        "float32", "--dtype",
+        help="ONNX/Triton dtype: float32|float16 (the Triton python backend: also bfloat16).",
+    ),
     budgets_out: str | None = typer.Option(
         None, "--budgets-out",
         help="Also output reconstructions at these fixed budgets, e.g. 8,16,32 (ONNX/Triton).",
@@ -73,12 +77,27 @@ def export(
         None, "--triton-repo", help="Write a Triton Inference Server model repository here."
     ),
     triton_name: str = typer.Option("hsae", "--triton-name", help="Model name in the repository."),
+    triton_backend: str = typer.Option(
+        "python", "--triton-backend",
+        help="python: model.py runs hsae_runtime (any tritonserver, the bundled one too); "
+        "onnx: the ONNX graph (needs Triton's onnxruntime backend, e.g. NVIDIA's container).",
+    ),
     max_batch_size: int = typer.Option(256, "--max-batch-size", help="Triton max_batch_size."),
     queue_delay_us: int = typer.Option(
         100, "--queue-delay-us", help="Triton dynamic batching max queue delay (microseconds)."
     ),
+    dynamic_batching: bool = typer.Option(
+        True, "--dynamic-batching/--no-dynamic-batching", help="Triton dynamic batching."
+    ),
     triton_instance: str = typer.Option(
         "auto", "--triton-instance", help="Triton instance kind: auto|cpu|gpu."
+    ),
+    triton_instances: int = typer.Option(
+        1, "--triton-instances", help="Triton instance count (model copies per device)."
+    ),
+    triton_reference_model: bool = typer.Option(
+        False, "--triton-reference-model",
+        help="python backend: refer to MODEL by its absolute path instead of copying it.",
     ),
     safetensors: Path | None = typer.Option(
         None, "--safetensors", help="Write the hsae-runtime model file here."
@@ -100,8 +119,17 @@ def export(
             "nothing to export",
             hint="pass at least one of --onnx, --triton-repo, --safetensors, --saelens, --sparsify",
         )
-    if dtype not in ("float32", "float16"):
-        raise ConfigError(f"--dtype must be float32 or float16, got {dtype!r}")
+    python_repo = triton_repo is not None and triton_backend == "python"
+    allowed = ("float32", "float16", "bfloat16") if python_repo and not onnx else ("float32",
+                                                                                    "float16")
+    if dtype not in allowed:
+        raise ConfigError(f"--dtype must be one of {', '.join(allowed)}, got {dtype!r}",
+                          hint="bfloat16 is for the Triton python backend alone")
+    if triton_backend not in ("python", "onnx"):
+        raise ConfigError(f"--triton-backend must be python or onnx, got {triton_backend!r}")
+    if triton_reference_model and (not python_repo or model.is_dir()):
+        raise ConfigError("--triton-reference-model needs --triton-backend python and a "
+                          ".safetensors MODEL")
     if triton_instance not in ("auto", "cpu", "gpu"):
         raise ConfigError(f"--triton-instance must be auto, cpu or gpu, got {triton_instance!r}")
     budgets = parse_budgets(budgets_out, "--budgets-out")
@@ -125,15 +153,29 @@ def export(
         err = f", max rel err {out.report.worst:.1e}" if out.report else ", not validated"
         parts.append(f"onnx {onnx} ({_size(out.files)}{err})")
         log.info("ONNX done in %.1f s", time.perf_counter() - t)
-    if triton_repo is not None:
+    delay = queue_delay_us if dynamic_batching else None
+    if python_repo:
+        from hsae_runtime.exporters.triton_repo import export_triton_python_repo
+
+        assert triton_repo is not None
+        t = step(f"Triton python-backend repository -> {triton_repo}/{triton_name}")
+        cfg_path, files = export_triton_python_repo(
+            sae, triton_repo, name=triton_name, dtype=dtype,
+            model_file=model if triton_reference_model else None,
+            max_batch_size=max_batch_size, queue_delay_us=delay,
+            instance_kind=triton_instance, instance_count=triton_instances,  # type: ignore[arg-type]
+        )
+        parts.append(f"triton (python backend) {cfg_path.parent} ({_size(files)})")
+        log.info("Triton repository done in %.1f s", time.perf_counter() - t)
+    elif triton_repo is not None:
         from hsae_runtime.exporters.triton_repo import export_triton_repo
 
         t = step(f"Triton repository -> {triton_repo}/{triton_name}")
         cfg_path, out = export_triton_repo(
             sae, triton_repo, name=triton_name, dtype=dtype,  # type: ignore[arg-type]
-            budgets_out=budgets, max_batch_size=max_batch_size, queue_delay_us=queue_delay_us,
-            instance_kind=triton_instance, validate=validate,  # type: ignore[arg-type]
-            reuse=graph,
+            budgets_out=budgets, max_batch_size=max_batch_size, queue_delay_us=delay,
+            instance_kind=triton_instance, instance_count=triton_instances,  # type: ignore[arg-type]
+            validate=validate, reuse=graph,
         )
         err = f", max rel err {out.report.worst:.1e}" if out.report else ""
         parts.append(f"triton {cfg_path.parent} ({_size([cfg_path, *out.files])}{err})")
