@@ -5,8 +5,9 @@ The layers, lowest first (a module may import its own layer and the ones below):
 0. kernels — ``hsae_runtime.kernels.*``: fused CPU / Triton kernels and their torch references.
 1. core — the package root, ``errors``, ``config``, ``format``, ``sparse_encoder``, ``sae``,
    ``loss``, ``gguf``, ``lm``: the model, its file, its loss and the LM it reads.
-2. training and exporters — ``hsae_runtime.training.*`` (``training/``) and
-   ``hsae_runtime.exporters.*`` (``exporters/``): build SAEs and move them between formats.
+2. training, exporters and features — ``hsae_runtime.training.*`` (``training/``),
+   ``hsae_runtime.exporters.*`` (``exporters/``) and ``hsae_runtime.features.*``: build SAEs,
+   move them between formats, and describe their latents.
 3. serving — ``hsae_runtime.serving.*`` and ``onnx_backend`` (the ONNX Runtime backend the
    server runs, whose graphs ``exporters.onnx`` builds).
 4. client — ``hsae_runtime.client``: talks to a server through the generated stubs.
@@ -36,6 +37,7 @@ LAYERS: dict[str, int] = {
     "hsae_runtime": 1,  # the package root and every core module not named below
     "hsae_runtime.training": 2,
     "hsae_runtime.exporters": 2,
+    "hsae_runtime.features": 2,
     "hsae_runtime.serving": 3,
     "hsae_runtime.onnx_backend": 3,
     "hsae_runtime.client": 4,

@@ -17,10 +17,10 @@ import typer
 
 # Command modules register their commands on the shared app when imported; a module that fails
 # to import fails the CLI loudly rather than silently dropping its commands.
-from hsae_runtime.cli import common, export, info, serve, train, triton
+from hsae_runtime.cli import common, export, features, info, serve, train, triton
 from hsae_runtime.cli.app import app
 
-__all__ = ["app", "main", "common", "export", "info", "serve", "train", "triton"]
+__all__ = ["app", "main", "common", "export", "features", "info", "serve", "train", "triton"]
 
 
 def main() -> None:
