@@ -6,6 +6,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 EXTRAS ?= cpu,dev,gguf,serving
 PYTEST_ARGS ?= -m "not slow"
+# The Triton server the live test starts (the `triton` extra's wheel, docs/triton.md). Installed
+# without its Python pins (numpy<2, protobuf<7), which would move the core's versions back.
+TRITON_SERVER ?= nvidia-pytriton==0.7.0
 
 .PHONY: install proto test test-slow lint demo bench pareto clean
 
@@ -15,6 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip install -q --no-deps "$(TRITON_SERVER)"
 	touch $@
 
 install: $(VENV)/.installed proto
