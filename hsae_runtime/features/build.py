@@ -83,12 +83,12 @@ def build_features(
     if hp_name is None:
         raise ConfigError("the SAE file names no hookpoint", hint="pass --hookpoint")
     hp = resolve_hookpoint(lm.model, hp_name)
+    wanted = resolve_budgets(sae, budgets)  # bad budgets fail before any LM work
     times = FeatureTimes()
     key = cache_key(model_path, sae, lm, hp_name, data, spec)
     cache = CodeCache(out / CACHE_FOLDER)
     times.cache = build_cache(cache.folder, sae, lm, data, spec, key=key, hookpoint=hp_name,
                               progress=progress)
-    wanted = resolve_budgets(sae, budgets)
 
     t0 = time.perf_counter()
     stats = compute_stats(cache, StatsSpec(budgets=wanted, top_n=top_n), progress=progress)
