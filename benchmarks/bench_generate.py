@@ -1,0 +1,147 @@
+"""Generation with the SAE in the loop on Gemma-3 270M: cost against the plain LM, the KV cache,
+and batching several requests.
+
+Prints three tables (numbers go to docs/serving.md with the machine line):
+
+1. tokens/s of greedy generation: the plain LM (same KV-cache loop, no hook) vs the SAE spliced
+   at the hookpoint at a budget (error term kept), with and without a clamp intervention;
+2. the KV cache: one new token's step time after a short and a long prompt, vs re-running the
+   whole sequence (what a step would cost without the cache);
+3. aggregate tokens/s of ``--streams`` requests generating in one batch vs one request.
+
+Run: ``python benchmarks/bench_generate.py [--sae runs/P_A/models/htopk64.safetensors]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from hsae_runtime.generation import GenerationBatch, GenerationRequest
+from hsae_runtime.lm import LoadedLM, PrefixCache, forward_cached, load_lm
+from hsae_runtime.sae import SAE
+from hsae_runtime.steering import Intervention, SteerSpec
+
+DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-valid.txt"
+
+
+def prompt_ids(lm: LoadedLM, text: str, n: int) -> list[int]:
+    ids = lm.tokenizer(text)["input_ids"]
+    assert len(ids) >= n, f"need {n} prompt tokens, the text has {len(ids)}"
+    return ids[:n]
+
+
+def plain_generate(lm: LoadedLM, prompts: list[list[int]], new_tokens: int) -> float:
+    """Greedy generation without a hook (same left padding and cache); returns step seconds."""
+    t = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (t - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (t - len(p)) + [1] * len(p) for p in prompts])
+    cache = PrefixCache()
+    logits = forward_cached(lm, ids, mask, cache, (mask.cumsum(-1) - 1).clamp_min(0))
+    start = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        nxt = logits.argmax(-1, keepdim=True)  # (B, 1)
+        assert cache.mask is not None
+        positions = cache.mask.sum(-1, keepdim=True)
+        logits = forward_cached(lm, nxt, torch.ones_like(nxt), cache, positions)
+    return time.perf_counter() - start
+
+
+def steered_generate(lm: LoadedLM, sae: SAE, hookpoint: str, reqs: list[GenerationRequest]):
+    """Runs ``reqs`` as one batch; returns (step seconds after the prefill, batch)."""
+    batch = GenerationBatch(lm, sae, hookpoint, reqs)
+    batch.step()  # prefill + first token
+    start = time.perf_counter()
+    while not batch.done:
+        batch.step()
+    return time.perf_counter() - start, batch
+
+
+def best(fn, repeats: int) -> float:
+    return min(fn() for _ in range(repeats))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sae", type=Path, default=Path("runs/P_A/models/htopk64.safetensors"))
+    parser.add_argument("--text", type=Path, default=DEFAULT_TEXT)
+    parser.add_argument("--budget", type=int, default=16)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--streams", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    sae = SAE.load(args.sae).requires_grad_(False)
+    sae.pack_for_cpu_inference()
+    lm = load_lm(sae.config.model_name, device="cpu")
+    hookpoint = sae.config.hookpoint
+    text = args.text.read_text(encoding="utf-8")[:200_000]
+    prompt = prompt_ids(lm, text, args.prompt_tokens)
+    n = args.new_tokens
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
+          f"torch threads, torch {torch.__version__}; LM {lm.name}, SAE {args.sae.name} "
+          f"(d_sae {sae.config.d_sae}) at {hookpoint}, budget {args.budget}")
+
+    def request(interventions=(), **kw) -> GenerationRequest:
+        return GenerationRequest(prompt, SteerSpec(args.budget, tuple(interventions)),
+                                 max_new_tokens=n, **kw)
+
+    # 1. SAE in the loop vs plain LM (one request, greedy, steps after the prefill).
+    steps = n - 1
+    plain = best(lambda: plain_generate(lm, [prompt], n), args.repeats)
+    spliced = best(lambda: steered_generate(lm, sae, hookpoint, [request()])[0], args.repeats)
+    clamp = [Intervention(int(sae.config.d_sae // 2), "set", 40.0)]
+    steered = best(lambda: steered_generate(lm, sae, hookpoint, [request(clamp)])[0],
+                   args.repeats)
+    print("\n| generation (1 request, greedy) | tokens/s | / plain LM |")
+    print("|---|---|---|")
+    for name, sec in (("plain LM (KV cache, no hook)", plain),
+                      (f"SAE in the loop, k={args.budget}, error kept", spliced),
+                      ("same + one clamp", steered)):
+        print(f"| {name} | {steps / sec:.1f} | {plain / sec:.2f} |")
+
+    # 2. KV cache: a step after a short vs a long prompt, vs re-running the whole sequence.
+    print("\n| prompt tokens | cached step (ms) | whole-sequence forward (ms) |")
+    print("|---|---|---|")
+    for length in (32, 512):
+        ids = prompt_ids(lm, text, length)
+
+        def cached_step() -> float:
+            cache = PrefixCache()
+            x = torch.tensor([ids])
+            forward_cached(lm, x, torch.ones_like(x), cache, torch.arange(length)[None])
+            one = torch.tensor([[ids[-1]]])
+            start = time.perf_counter()
+            forward_cached(lm, one, torch.ones_like(one), cache, torch.tensor([[length]]))
+            return time.perf_counter() - start
+
+        def full_forward() -> float:
+            x = torch.tensor([ids + [ids[-1]]])
+            start = time.perf_counter()
+            with torch.inference_mode():
+                lm.model(input_ids=x, use_cache=False, logits_to_keep=1)
+            return time.perf_counter() - start
+
+        print(f"| {length} | {best(cached_step, args.repeats) * 1e3:.1f} | "
+              f"{best(full_forward, args.repeats) * 1e3:.1f} |")
+
+    # 3. Several requests in one batch vs one.
+    one = spliced
+    many = best(lambda: steered_generate(lm, sae, hookpoint,
+                                         [request(seed=i) for i in range(args.streams)])[0],
+                args.repeats)
+    print("\n| requests in one batch | aggregate tokens/s | gain |")
+    print("|---|---|---|")
+    print(f"| 1 | {steps / one:.1f} | 1.00 |")
+    print(f"| {args.streams} | {args.streams * steps / many:.1f} | "
+          f"{args.streams * one / many:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
