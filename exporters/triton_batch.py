@@ -77,7 +77,8 @@ def check_request(sae: SAE, req: BatchRequest) -> None:
 
 def _masked(code: SparseCode, k: Tensor) -> SparseCode:
     """``code [N, K]`` with positions ``>= k[row]`` set to (0, -1); ``k [N]``."""
-    keep = torch.arange(code.values.shape[1]) < k[:, None]  # (N, K)
+    positions = torch.arange(code.values.shape[1], device=code.values.device)
+    keep = positions < k.to(code.values.device)[:, None]  # (N, K)
     return SparseCode(code.values.masked_fill(~keep, 0.0), code.indices.masked_fill(~keep, -1))
 
 
@@ -97,7 +98,8 @@ def run_batch(
 ) -> list[dict[str, Tensor] | HSAEError]:
     """Outputs per request, in order: a dict of the asked-for outputs, or the request's error.
 
-    Output floats come back in each request's own ``x`` dtype. One encode serves the batch.
+    Output floats come back in each request's own ``x`` dtype, on the SAE's device. One encode
+    serves the batch.
     """
     results: list[dict[str, Tensor] | HSAEError] = []
     good: list[int] = []
@@ -113,7 +115,7 @@ def run_batch(
         return results
     reqs = [requests[i] for i in good]
     x = torch.cat([r.x.to(sae.dtype) for r in reqs])  # (N, d_in)
-    k = torch.cat([r.k.reshape(-1) for r in reqs]).to(torch.int64)  # (N,)
+    k = torch.cat([r.k.reshape(-1) for r in reqs]).to(sae.device, torch.int64)  # (N,)
     k_top = int(k.max())
     for r in reqs:
         if r.budgets is not None and "reconstructions" in r.outputs:
@@ -136,6 +138,6 @@ def run_batch(
             out["reconstruction"] = sae.decode(own).to(wire)
         if "reconstructions" in req.outputs and req.budgets is not None:
             out["reconstructions"] = _reconstructions(
-                sae, rows, req.budgets.to(torch.int64)).to(wire)
+                sae, rows, req.budgets.to(sae.device, torch.int64)).to(wire)
         results[i] = {name: t for name, t in out.items() if name in req.outputs}
     return results

@@ -38,10 +38,13 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         here = Path(args["model_repository"]) / args["model_version"]
         path = Path(params.get("model_file", "model.safetensors"))
-        self.sae = SAE.load(path if path.is_absolute() else here / path)
+        # KIND_GPU instances get their GPU; KIND_CPU (and Triton's default without a GPU) the CPU
+        on_gpu = args.get("model_instance_kind") == "GPU"
+        device = f"cuda:{args['model_instance_device_id']}" if on_gpu else "cpu"
+        self.sae = SAE.load(path if path.is_absolute() else here / path, device=device)
         self.sae.requires_grad_(False)
         self.sae.pack_for_cpu_inference()
-        log.info("loaded %s for Triton model %s", path, config.get("name"))
+        log.info("loaded %s on %s for Triton model %s", path, device, config.get("name"))
 
     def execute(self, requests: list[Any]) -> list[Any]:
         import torch.utils.dlpack
