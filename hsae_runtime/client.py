@@ -27,11 +27,10 @@ import grpc
 import numpy as np
 
 from hsae_runtime.errors import InputError
+from hsae_runtime.serving.limits import DEFAULT_ADDRESS, DEFAULT_CALL_TIMEOUT_S, ServingLimits
 from hsae_runtime.serving.stubs import load as load_stubs
 
 pb, pb_grpc = load_stubs()
-
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20
 
 _NP_TO_WIRE = {
     np.dtype(np.float32): pb.DTYPE_FLOAT32,
@@ -152,12 +151,12 @@ class Client:
 
     def __init__(
         self,
-        address: str,
+        address: str = DEFAULT_ADDRESS,
         token: str | None = None,
         tls: bool | str | Path = False,
         *,
-        timeout: float | None = 60.0,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        timeout: float | None = DEFAULT_CALL_TIMEOUT_S,
+        max_message_bytes: int = ServingLimits.max_message_bytes,
         server_name: str | None = None,
     ) -> None:
         options: list[tuple[str, Any]] = [

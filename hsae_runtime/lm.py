@@ -2,9 +2,8 @@
 
 * :func:`load_lm` takes a hub id, a local folder, or a ``.gguf`` file (dequantised once and
   cached as safetensors by :mod:`hsae_runtime.gguf`).
-* Hookpoints: Hugging Face module paths (``model.layers.12`` = output of block 12, or any other
-  submodule path) and the TransformerLens names users know (``blocks.12.hook_resid_post``,
-  ``blocks.12.hook_resid_pre``). :func:`resolve_hookpoint` maps both to a :class:`Hookpoint`.
+* Hookpoints are named as :mod:`hsae_runtime.hookpoints` says (Hugging Face module paths or
+  TransformerLens residual names); :func:`resolve_hookpoint` maps a name onto the model.
 * :func:`capture` runs the LM only as far as the hookpoint: the hook stores the activation and
   raises a private exception, so later blocks and the LM head never run. Given a
   :class:`PrefixCache`, it runs one chunk of a longer sequence on top of the KV cache of the
@@ -22,14 +21,13 @@ from __future__ import annotations
 
 import inspect
 import logging
-import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache as memoize
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +35,7 @@ from torch import Tensor, nn
 from hsae_runtime.config import resolve_dtype
 from hsae_runtime.errors import ConfigError, HookpointError, InputError, ModelFileError
 from hsae_runtime.gguf import dequantised_folder, resolve_lm_source
+from hsae_runtime.hookpoints import Hookpoint, find_layers, resolve_hookpoint
 
 logger = logging.getLogger(__name__)
 
@@ -131,73 +130,6 @@ def load_lm(
     d_model = int(getattr(text_config, "hidden_size"))
     logger.info("loaded %s (%d layers, d_model %d) on %s", name, len(layers), d_model, dev)
     return LoadedLM(model, tokenizer, name, dev, torch_dtype, len(layers), d_model)
-
-
-# ---------------------------------------------------------------------------- hookpoints
-@dataclass(frozen=True)
-class Hookpoint:
-    """Where to read or write in the LM.
-
-    ``module_path`` names a submodule of the loaded model; ``position`` says whether the value
-    is that module's output (``"output"``) or the first input of the block (``"input"``,
-    TransformerLens ``hook_resid_pre``). ``layer`` is the decoder block the module belongs to.
-    """
-
-    name: str
-    layer: int
-    module_path: str
-    position: Literal["output", "input"] = "output"
-
-
-_TL_RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
-
-
-def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The decoder blocks: the longest ``ModuleList`` named ``layers`` / ``h`` / ``blocks``."""
-    best: tuple[str, nn.ModuleList] | None = None
-    for path, module in model.named_modules():
-        leaf = path.rsplit(".", 1)[-1]
-        if isinstance(module, nn.ModuleList) and leaf in ("layers", "h", "blocks"):
-            if best is None or len(module) > len(best[1]):
-                best = (path, module)
-    if best is None:
-        raise HookpointError(f"cannot find the decoder blocks of {type(model).__name__}")
-    return best
-
-
-def valid_hookpoints(model: nn.Module) -> list[str]:
-    """The block-level names accepted by :func:`resolve_hookpoint` (submodules also work)."""
-    layers_path, layers = find_layers(model)
-    names = [f"{layers_path}.{i}" for i in range(len(layers))]
-    names += [f"blocks.{i}.hook_resid_{p}" for i in range(len(layers)) for p in ("pre", "post")]
-    return names
-
-
-def resolve_hookpoint(model: nn.Module, name: str) -> Hookpoint:
-    """Map a hookpoint name onto the model; unknown names raise :class:`HookpointError`."""
-    if isinstance(model, LoadedLM):
-        model = model.model
-    layers_path, layers = find_layers(model)
-    n = len(layers)
-    match = _TL_RESID.match(name)
-    if match:
-        layer, kind = int(match.group(1)), match.group(2)
-        if layer >= n:
-            raise HookpointError(
-                f"hookpoint {name!r}: layer {layer} does not exist (the model has {n} blocks)",
-                hint=f"use blocks.0 .. blocks.{n - 1}",
-            )
-        position: Literal["output", "input"] = "output" if kind == "post" else "input"
-        return Hookpoint(name, layer, f"{layers_path}.{layer}", position)
-    modules = dict(model.named_modules())
-    if name in modules and name.startswith(layers_path + "."):
-        layer = int(name[len(layers_path) + 1 :].split(".", 1)[0])
-        return Hookpoint(name, layer, name, "output")
-    shown = f"{layers_path}.0 .. {layers_path}.{n - 1}, blocks.<i>.hook_resid_pre|post (i < {n})"
-    raise HookpointError(
-        f"unknown hookpoint {name!r} for {type(model).__name__}",
-        hint=f"valid hookpoints: {shown}, or a submodule path such as {layers_path}.0.mlp",
-    )
 
 
 # ---------------------------------------------------------------------------- hooks

@@ -41,9 +41,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hsae_runtime.checks import (
+    check_activation_shape,
+    check_budget,
+    check_budgets,
+    check_code,
+    check_row_budgets,
+)
 from hsae_runtime.config import SAEConfig
 from hsae_runtime.errors import InputError, ModelFileError
-from hsae_runtime.sae import SparseCode, check_activation_shape
+from hsae_runtime.sae import SparseCode
 
 log = logging.getLogger(__name__)
 
@@ -224,43 +231,80 @@ class OnnxSAE:
             raise InputError("x contains NaN or Inf values")
         return array
 
-    def check_budget(self, k: int) -> int:
-        if isinstance(k, bool) or not isinstance(k, int):
-            raise InputError(f"budget k must be an int, got {type(k).__name__}")
-        if not 1 <= k <= self.config.k_max:
-            raise InputError(
-                f"budget k={k} is out of range 1..k_max={self.config.k_max}",
-                hint=f"this SAE was trained with k_max={self.config.k_max}",
-            )
-        return k
+    def _code_arrays(
+        self, code: SparseCode | tuple[Tensor, Tensor]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """A checked code as ``[N, k]`` numpy values (this graph's dtype) and int64 indices."""
+        val, idx = check_code(
+            code[0].detach(), code[1], self.config.d_sae, device=self.device, dtype=self.dtype
+        )
+        return val.numpy(), idx.numpy()
 
-    def _row_budgets(self, k: int | Tensor, n: int) -> tuple[np.ndarray, int]:
-        if not isinstance(k, Tensor):
-            k = self.check_budget(k)
-            return np.full(n, k, dtype=np.int64), k
-        if k.is_floating_point() or k.dtype == torch.bool:
-            raise InputError(f"per-row budgets must be an integer tensor, got dtype {k.dtype}")
-        rows = k.detach().reshape(-1).to("cpu", torch.int64).numpy()
-        if rows.size != n:
-            raise InputError(f"per-row budgets have {rows.size} entries but x has {n} rows")
-        lo, hi = int(rows.min()), int(rows.max())
-        if lo < 1 or hi > self.config.k_max:
-            raise InputError(
-                f"per-row budgets must lie in 1..k_max={self.config.k_max}, got min {lo}, max {hi}"
-            )
-        return np.ascontiguousarray(rows), hi
-
-    # ------------------------------------------------------------------ encode / decode
+    # ------------------------------------------------------------------ checked API
     def encode(self, x: Tensor, k: int | Tensor) -> SparseCode:
         """Sorted top-k code of ``x [..., d_in]`` (see ``SAE.encode``)."""
         lead = x.shape[:-1] if isinstance(x, Tensor) else ()
         flat = self.check_input(x)
-        k_rows, k_top = self._row_budgets(k, flat.shape[0])
-        values, indices = (np.asarray(a) for a in
-                           self._encoder.run(["values", "indices"], {"x": flat, "k": k_rows}))
-        values = torch.from_numpy(values[:, :k_top]).reshape(*lead, k_top)  # (..., k_top)
-        indices = torch.from_numpy(indices[:, :k_top]).reshape(*lead, k_top)
-        return SparseCode(values, indices)
+        if isinstance(k, Tensor):
+            k_rows = check_row_budgets(k, flat.shape[0], self.config.k_max).numpy()
+            k_top = int(k_rows.max())
+        else:
+            k_top = check_budget(k, self.config.k_max)
+            k_rows = np.full(flat.shape[0], k_top, dtype=np.int64)
+        values, indices = self.top_k_rows(flat, np.ascontiguousarray(k_rows), k_top)
+        return SparseCode(values.reshape(*lead, k_top), indices.reshape(*lead, k_top))
+
+    def decode(self, code: SparseCode | tuple[Tensor, Tensor]) -> Tensor:
+        """Reconstruction ``[..., d_in]`` of a code ``[..., k]`` (index -1 = masked)."""
+        lead = code[0].shape[:-1]
+        val, idx = self._code_arrays(code)
+        out = self._partial(val, idx) + self._b_dec  # (N, d_in)
+        return out.reshape(*lead, self.config.d_in)
+
+    def reconstruct_from_code(self, code: SparseCode, budgets: Sequence[int]) -> Tensor:
+        """``code [N, K]`` (sorted, K ≥ max(budgets)) -> ``[n_budgets, N, d_in]`` in given order."""
+        budgets = check_budgets(budgets, self.config.k_max)
+        val, idx = self._code_arrays(code)
+        if max(budgets) > val.shape[1]:
+            raise InputError(f"budget {max(budgets)} exceeds the code width {val.shape[1]}")
+        return self.prefix_decode_rows(val, idx, budgets)
+
+    def reconstruct(self, x: Tensor, budgets: Sequence[int]) -> Tensor:
+        """Reconstructions at several budgets from one encode: ``[n_budgets, ..., d_in]``."""
+        budgets = check_budgets(budgets, self.config.k_max)
+        lead = x.shape[:-1]
+        code = self.encode(x, max(budgets))
+        k = code.values.shape[-1]
+        flat = SparseCode(code.values.reshape(-1, k), code.indices.reshape(-1, k))
+        return self.reconstruct_from_code(flat, budgets).reshape(
+            len(budgets), *lead, self.config.d_in
+        )
+
+    # ------------------------------------------------------------------ math (no checks)
+    def top_k_rows(self, x: np.ndarray, k_rows: np.ndarray, k_top: int) -> SparseCode:
+        """The encode graph on checked input: ``x [N, d_in]`` (this graph's dtype), per-row
+        budgets ``k_rows [N]`` int64 -> sorted code ``[N, k_top]`` (CPU tensors)."""
+        values, indices = (
+            np.asarray(a)
+            for a in self._encoder.run(["values", "indices"], {"x": x, "k": k_rows})
+        )
+        return SparseCode(
+            torch.from_numpy(values[:, :k_top]), torch.from_numpy(indices[:, :k_top])
+        )
+
+    def prefix_decode_rows(
+        self, values: np.ndarray, indices: np.ndarray, budgets: Sequence[int]
+    ) -> Tensor:
+        """Checked code ``[N, K]`` (K ≥ max(budgets)) -> ``[n_budgets, N, d_in]`` in the order
+        of ``budgets``: segment sums of the decode graph between consecutive sorted budgets."""
+        out: dict[int, Tensor] = {}
+        running = self._b_dec.expand(values.shape[0], -1)
+        start = 0
+        for b in sorted(set(budgets)):
+            running = running + self._partial(values[:, start:b], indices[:, start:b])
+            out[b] = running
+            start = b
+        return torch.stack([out[b] for b in budgets])
 
     def _partial(self, values: np.ndarray, indices: np.ndarray) -> Tensor:
         """Sum of gathered decoder rows for ``[N, c]`` code entries -> ``[N, d_in]``."""
@@ -275,60 +319,3 @@ class OnnxSAE:
             total = part if total is None else total + part
         assert total is not None
         return total
-
-    def _code_arrays(
-        self, code: SparseCode | tuple[Tensor, Tensor]
-    ) -> tuple[np.ndarray, np.ndarray]:
-        values, indices = code
-        if values.shape != indices.shape or values.ndim == 0 or values.shape[-1] == 0:
-            raise InputError(
-                f"values and indices must have the same shape [..., k], got "
-                f"{tuple(values.shape)} and {tuple(indices.shape)}"
-            )
-        if indices.is_floating_point():
-            raise InputError(f"indices must be integers, got dtype {indices.dtype}")
-        k = values.shape[-1]
-        idx = indices.detach().reshape(-1, k).to("cpu", torch.int64)
-        val = values.detach().reshape(-1, k).to("cpu", self.dtype)
-        if int(idx.max()) >= self.config.d_sae or int(idx.min()) < -1:
-            raise InputError(f"indices must lie in 0..d_sae-1={self.config.d_sae - 1} (or -1)")
-        if not bool(torch.isfinite(val).all()):
-            raise InputError("code values contain NaN or Inf")
-        return val.numpy(), idx.numpy()
-
-    def decode(self, code: SparseCode | tuple[Tensor, Tensor]) -> Tensor:
-        """Reconstruction ``[..., d_in]`` of a code ``[..., k]`` (index -1 = masked)."""
-        lead = code[0].shape[:-1]
-        val, idx = self._code_arrays(code)
-        out = self._partial(val, idx) + self._b_dec  # (N, d_in)
-        return out.reshape(*lead, self.config.d_in)
-
-    def reconstruct_from_code(self, code: SparseCode, budgets: Sequence[int]) -> Tensor:
-        """``code [N, K]`` (sorted, K ≥ max(budgets)) -> ``[n_budgets, N, d_in]`` in given order."""
-        budgets = [self.check_budget(b) for b in budgets]
-        if not budgets:
-            raise InputError("budgets must not be empty")
-        val, idx = self._code_arrays(code)
-        if max(budgets) > val.shape[1]:
-            raise InputError(f"budget {max(budgets)} exceeds the code width {val.shape[1]}")
-        out: dict[int, Tensor] = {}
-        running = self._b_dec.expand(val.shape[0], -1)
-        start = 0
-        for b in sorted(set(budgets)):
-            running = running + self._partial(val[:, start:b], idx[:, start:b])
-            out[b] = running
-            start = b
-        return torch.stack([out[b] for b in budgets])
-
-    def reconstruct(self, x: Tensor, budgets: Sequence[int]) -> Tensor:
-        """Reconstructions at several budgets from one encode: ``[n_budgets, ..., d_in]``."""
-        budgets = [self.check_budget(b) for b in budgets]
-        if not budgets:
-            raise InputError("budgets must not be empty")
-        lead = x.shape[:-1]
-        code = self.encode(x, max(budgets))
-        k = code.values.shape[-1]
-        flat = SparseCode(code.values.reshape(-1, k), code.indices.reshape(-1, k))
-        return self.reconstruct_from_code(flat, budgets).reshape(
-            len(budgets), *lead, self.config.d_in
-        )

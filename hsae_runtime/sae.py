@@ -27,6 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hsae_runtime.checks import (
+    check_activation_shape,
+    check_budget,
+    check_budgets,
+    check_code,
+    check_row_budgets,
+)
 from hsae_runtime.config import SAEConfig
 from hsae_runtime.errors import InputError
 from hsae_runtime.format import TENSOR_NAMES, read_model, validate_tensors, write_model
@@ -50,24 +57,6 @@ class SparseCode(NamedTuple):
         if k <= 0 or k > self.values.shape[-1]:
             raise InputError(f"prefix budget must be in 1..{self.values.shape[-1]}, got {k}")
         return SparseCode(self.values[..., :k], self.indices[..., :k])
-
-
-def check_activation_shape(x: object, d_in: int) -> None:
-    """Raise :class:`InputError` unless ``x`` is a non-empty float tensor ``[..., d_in]``.
-
-    Shared by every SAE backend (torch, ONNX Runtime); finiteness is checked by each backend.
-    """
-    if not isinstance(x, Tensor):
-        raise InputError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise InputError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-    if x.ndim == 0 or x.shape[-1] != d_in:
-        raise InputError(
-            f"x must have shape [..., d_in={d_in}], got {tuple(x.shape)}",
-            hint="the activations must come from the hookpoint the SAE was trained on",
-        )
-    if x.numel() == 0:
-        raise InputError("x is empty: need at least one token")
 
 
 class SAE(nn.Module):
@@ -114,21 +103,12 @@ class SAE(nn.Module):
         return x.reshape(-1, self.config.d_in).to(device=self.device, dtype=self.dtype)
 
     def check_budget(self, k: int) -> int:
-        if isinstance(k, bool) or not isinstance(k, int):
-            raise InputError(f"budget k must be an int, got {type(k).__name__}")
-        if not 1 <= k <= self.config.k_max:
-            raise InputError(
-                f"budget k={k} is out of range 1..k_max={self.config.k_max}",
-                hint="this SAE was trained with k_max="
-                f"{self.config.k_max}; ask for a budget at most that",
-            )
-        return k
+        """``k`` if it is an int in 1..k_max (:func:`hsae_runtime.checks.check_budget`)."""
+        return check_budget(k, self.config.k_max)
 
     def check_budgets(self, budgets: Sequence[int]) -> list[int]:
-        budgets = list(budgets)
-        if not budgets:
-            raise InputError("budgets must not be empty")
-        return [self.check_budget(int(b) if not isinstance(b, bool) else b) for b in budgets]
+        """Non-empty budgets, each in 1..k_max, in the given order."""
+        return check_budgets(budgets, self.config.k_max)
 
     # ------------------------------------------------------------------ encode
     def pack_for_cpu_inference(self) -> bool:
@@ -160,7 +140,7 @@ class SAE(nn.Module):
         flat = self.check_input(x)
         n = flat.shape[0]
         if isinstance(k, Tensor):
-            per_row = self._check_row_budgets(k, n)
+            per_row = check_row_budgets(k, n, self.config.k_max).to(self.device)
             k_top = int(per_row.max())
         else:
             per_row = None
@@ -187,19 +167,6 @@ class SAE(nn.Module):
         )
         return SparseCode(values.reshape(*lead, k), indices.reshape(*lead, k))
 
-    def _check_row_budgets(self, k: Tensor, n: int) -> Tensor:
-        if k.is_floating_point() or k.dtype == torch.bool:
-            raise InputError(f"per-row budgets must be an integer tensor, got dtype {k.dtype}")
-        k = k.reshape(-1)
-        if k.numel() != n:
-            raise InputError(f"per-row budgets have {k.numel()} entries but x has {n} rows")
-        lo, hi = int(k.min()), int(k.max())
-        if lo < 1 or hi > self.config.k_max:
-            raise InputError(
-                f"per-row budgets must lie in 1..k_max={self.config.k_max}, got min {lo}, max {hi}"
-            )
-        return k.to(device=self.device, dtype=torch.int64)
-
     # ------------------------------------------------------------------ decode
     def decode(self, code: SparseCode | tuple[Tensor, Tensor]) -> Tensor:
         """Reconstruction ``[..., d_in]`` from a sparse code ``(values, indices) [..., k]``.
@@ -207,20 +174,10 @@ class SAE(nn.Module):
         Index -1 marks a masked entry (contributes nothing). Gathers k decoder rows per token.
         """
         values, indices = code
-        if values.shape != indices.shape or values.ndim == 0:
-            raise InputError(
-                f"values and indices must have the same shape [..., k], got "
-                f"{tuple(values.shape)} and {tuple(indices.shape)}"
-            )
-        if indices.is_floating_point():
-            raise InputError(f"indices must be integers, got dtype {indices.dtype}")
-        lead, k = values.shape[:-1], values.shape[-1]
-        idx = indices.reshape(-1, k).to(device=self.device, dtype=torch.int64)
-        val = values.reshape(-1, k).to(device=self.device, dtype=self.dtype)
-        if idx.numel() and (int(idx.max()) >= self.config.d_sae or int(idx.min()) < -1):
-            raise InputError(f"indices must lie in 0..d_sae-1={self.config.d_sae - 1} (or -1)")
-        if not bool(torch.isfinite(val).all()):
-            raise InputError("code values contain NaN or Inf")
+        val, idx = check_code(  # (N, k) each
+            values, indices, self.config.d_sae, device=self.device, dtype=self.dtype
+        )
+        lead = values.shape[:-1]
         out = self._decode_flat(val, idx)  # (N, d_in)
         return out.reshape(*lead, self.config.d_in)
 

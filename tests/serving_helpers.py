@@ -26,8 +26,7 @@ build_proto.ensure()  # generated stubs are build outputs: make sure they exist 
 
 from hsae_runtime.serving import server as srv  # noqa: E402
 from hsae_runtime.serving.backend import TorchBackend  # noqa: E402
-from hsae_runtime.serving.batcher import BatcherConfig  # noqa: E402
-from hsae_runtime.serving.servicer import ServingLimits  # noqa: E402
+from hsae_runtime.serving.limits import BatcherConfig, ServingLimits  # noqa: E402
 from hsae_runtime.serving.stubs import load as load_stubs  # noqa: E402
 
 pb, pb_grpc = load_stubs()

@@ -1,4 +1,5 @@
-"""The dynamic batcher on its own (no gRPC): batch limits, draining on close, early close.
+"""The dynamic batcher on its own (no gRPC): batch limits, draining on close, early close;
+decode jobs run on the worker thread, batched beside encodes and chunked when long.
 
 The server-level behaviour (coalescing concurrent RPCs, queue limits, deadlines, cancellation)
 is tested through real RPCs in ``test_serving.py``.
@@ -6,6 +7,7 @@ is tested through real RPCs in ``test_serving.py``.
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -13,8 +15,11 @@ import pytest
 import torch
 from serving_helpers import DelayedBackend
 
+from hsae_runtime.sae import SparseCode
 from hsae_runtime.serving.backend import TorchBackend
-from hsae_runtime.serving.batcher import Batcher, BatcherConfig, Job
+from hsae_runtime.serving.batcher import Batcher
+from hsae_runtime.serving.jobs import DecodeJob, EncodeJob
+from hsae_runtime.serving.limits import BatcherConfig
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -22,13 +27,13 @@ pytestmark = pytest.mark.timeout(120)
 def test_batcher_respects_max_batch_tokens_and_drains_on_close(sae):
     batcher = Batcher(TorchBackend(sae), None, BatcherConfig(max_batch_tokens=10, max_wait_ms=300))
     xs = [torch.randn(4, 64) for _ in range(5)]
-    futures = [batcher.submit(Job(budgets=[2, 4], activations=x)) for x in xs]
+    futures = [batcher.submit(EncodeJob(budgets=[2, 4], activations=x)) for x in xs]
     batcher.close()  # finishes what is queued
     for x, future in zip(xs, futures):
         np.testing.assert_array_equal(future.result(0).indices, sae.encode(x, 4).indices)
     assert batcher.stats.batches == 3  # 4+4 | 4+4 | 4: a fifth row set would exceed 10
     with pytest.raises(Exception, match="shutting down"):
-        batcher.submit(Job(budgets=[4], activations=xs[0]))
+        batcher.submit(EncodeJob(budgets=[4], activations=xs[0]))
 
 
 def test_batch_closes_early_once_as_large_as_the_last_one(sae):
@@ -37,14 +42,14 @@ def test_batch_closes_early_once_as_large_as_the_last_one(sae):
     try:
         for _ in range(3):  # sequential requests: each its own batch, none waits 3 s
             start = time.monotonic()
-            batcher.run(Job(budgets=[4], activations=torch.randn(2, 64)), timeout=30)
+            batcher.run(EncodeJob(budgets=[4], activations=torch.randn(2, 64)), timeout=30)
             assert time.monotonic() - start < 1.5
         # A request being parsed holds the batch open (up to max_wait) so it can join.
         with batcher.arriving():
-            first = batcher.submit(Job(budgets=[4], activations=torch.randn(1, 64)))
+            first = batcher.submit(EncodeJob(budgets=[4], activations=torch.randn(1, 64)))
             time.sleep(0.3)
             assert not first.done()  # target 1 reached, but a request is still arriving
-            second = batcher.submit(Job(budgets=[4], activations=torch.randn(1, 64)))
+            second = batcher.submit(EncodeJob(budgets=[4], activations=torch.randn(1, 64)))
         first.result(30), second.result(30)
         assert batcher.stats.batches == 4  # the last two shared one batch
     finally:
@@ -67,7 +72,7 @@ def test_one_batch_mixes_numpy_and_tensor_rows_of_any_dtype(sae):
     try:
         with batcher.arriving():  # hold the batch open until every job is queued
             futures = [
-                batcher.submit(Job(budgets=b, activations=x, fvu=True))
+                batcher.submit(EncodeJob(budgets=b, activations=x, fvu=True))
                 for x, b in zip(inputs, budgets)
             ]
         outputs = [f.result(30) for f in futures]
@@ -90,14 +95,63 @@ def test_closed_loop_clients_merge_into_one_batch(sae):
     queued - so B and A's next request share a batch instead of alternating forever."""
     batcher = Batcher(DelayedBackend(sae, delay=1.0), None, BatcherConfig(max_wait_ms=1500))
     try:
-        a1 = batcher.submit(Job(budgets=[4], activations=torch.randn(1, 64)))
+        a1 = batcher.submit(EncodeJob(budgets=[4], activations=torch.randn(1, 64)))
         time.sleep(0.1)  # a1's batch is running
-        b1 = batcher.submit(Job(budgets=[4], activations=torch.randn(1, 64)))
+        b1 = batcher.submit(EncodeJob(budgets=[4], activations=torch.randn(1, 64)))
         a1.result(30)  # the worker is free at ~1.0 s; B queued at ~0.1 s
         time.sleep(0.9)  # past B's queue time + max_wait, within free time + max_wait
         assert not b1.done()  # B waits for A's next request
-        a2 = batcher.submit(Job(budgets=[4], activations=torch.randn(1, 64)))
+        a2 = batcher.submit(EncodeJob(budgets=[4], activations=torch.randn(1, 64)))
         b1.result(30), a2.result(30)
         assert batcher.stats.batches == 2 and batcher.stats.rows == 3
     finally:
         batcher.close()
+
+
+class ThreadRecordingBackend(TorchBackend):
+    """The torch backend, noting the thread of every model call."""
+
+    def __init__(self, sae) -> None:
+        super().__init__(sae)
+        self.threads: set[str] = set()
+
+    def encode(self, x, k):
+        self.threads.add(threading.current_thread().name)
+        return super().encode(x, k)
+
+    def reconstruct_from_code(self, code, budgets):
+        self.threads.add(threading.current_thread().name)
+        return super().reconstruct_from_code(code, budgets)
+
+
+def test_decode_jobs_run_on_the_worker_beside_encodes(sae):
+    backend = ThreadRecordingBackend(sae)
+    batcher = Batcher(backend, None, BatcherConfig(max_wait_ms=200))
+    x = torch.randn(5, 64)
+    code = sae.encode(x, 8)
+    try:
+        with batcher.arriving():  # both jobs join one batch
+            decoded = batcher.submit(DecodeJob(code, [8, 3]))
+            encoded = batcher.submit(EncodeJob(budgets=[4], activations=x))
+        recons = decoded.result(30)
+        np.testing.assert_array_equal(encoded.result(30).indices, code.indices[:, :4])
+    finally:
+        batcher.close()
+    torch.testing.assert_close(recons, sae.reconstruct_from_code(code, [8, 3]).detach())
+    assert backend.threads == {"hsae-batcher"}
+    assert (batcher.stats.batches, batcher.stats.decodes) == (1, 1)
+
+
+def test_a_long_decode_runs_in_chunks_and_joins(sae):
+    batcher = Batcher(TorchBackend(sae), None, BatcherConfig(max_chunk_tokens=4))
+    code = sae.encode(torch.randn(10, 64), 6)
+    masked = SparseCode(code.values, code.indices.clone())
+    masked.indices[2, 4:] = -1  # skipped entries stay skipped in every chunk
+    try:
+        recons = batcher.run(DecodeJob(masked, [2, 6]), timeout=30)
+    finally:
+        batcher.close()
+    assert recons.shape == (2, 10, 64)
+    want = sae.reconstruct_from_code(masked, [2, 6]).detach()
+    torch.testing.assert_close(recons, want, rtol=1e-5, atol=1e-5)
+    assert (batcher.stats.chunks, batcher.stats.decodes) == (3, 3)  # rows 0-3, 4-7, 8-9

@@ -19,8 +19,10 @@ from serving_helpers import BUG_VALUE, HOOKPOINT, DelayedBackend, direct_encode
 from hsae_runtime.lm import PrefixCache, capture
 from hsae_runtime.sae import per_token_fvu
 from hsae_runtime.serving.backend import TorchBackend
-from hsae_runtime.serving.batcher import Batcher, BatcherConfig, Job, LMInput
+from hsae_runtime.serving.batcher import Batcher
 from hsae_runtime.serving.errors import CancelledError, DeadlineError
+from hsae_runtime.serving.jobs import EncodeJob, LMInput
+from hsae_runtime.serving.limits import BatcherConfig
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -52,11 +54,11 @@ class GatedCapture:
         return lambda _future: self.events.append((name, 0))
 
 
-def _lm_job(lm, n_tokens: int, seed: int = 0, **kwargs) -> Job:
+def _lm_job(lm, n_tokens: int, seed: int = 0, **kwargs) -> EncodeJob:
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, len(lm.tokenizer), (n_tokens,), generator=gen)
     ids[0] = lm.tokenizer.bos_token_id
-    return Job(lm_input=LMInput(ids, ids != lm.tokenizer.bos_token_id), **kwargs)
+    return EncodeJob(lm_input=LMInput(ids, ids != lm.tokenizer.bos_token_id), **kwargs)
 
 
 def test_long_lm_job_in_chunks_equals_one_forward(lm, sae):
@@ -86,7 +88,7 @@ def test_long_activation_job_in_chunks_equals_one_encode(sae):
     x = torch.randn(50, 64)
     batcher = Batcher(TorchBackend(sae), None, BatcherConfig(max_chunk_tokens=CHUNK))
     try:
-        out = batcher.run(Job(budgets=[2, 8], activations=x.numpy(), fvu=True), timeout=30)
+        out = batcher.run(EncodeJob(budgets=[2, 8], activations=x.numpy(), fvu=True), timeout=30)
     finally:
         batcher.close()
     ref = sae.encode(x, 8)
@@ -96,7 +98,7 @@ def test_long_activation_job_in_chunks_equals_one_encode(sae):
     assert out.fvu is not None and tuple(out.fvu.shape) == (2, 50)
 
 
-def _short_behind_long(lm, sae, max_chunk_tokens: int, short: Job) -> list[tuple[str, int]]:
+def _short_behind_long(lm, sae, max_chunk_tokens: int, short: EncodeJob) -> list[tuple[str, int]]:
     """Submit a long LM job (8 chunks of :data:`CHUNK` tokens), then ``short`` once the long
     job's first capture runs; returns the events, with ``("long done" | "short done", 0)``."""
     gated = GatedCapture(lm)
@@ -118,7 +120,7 @@ def _short_behind_long(lm, sae, max_chunk_tokens: int, short: Job) -> list[tuple
 @pytest.mark.parametrize("short_kind", ["activations", "text"])
 def test_short_job_waits_for_at_most_one_chunk(lm, sae, short_kind):
     if short_kind == "activations":
-        short = Job(budgets=[4], activations=np.ones((1, 64), np.float32))
+        short = EncodeJob(budgets=[4], activations=np.ones((1, 64), np.float32))
     else:
         short = _lm_job(lm, 5, seed=1, budgets=[4])
     events = _short_behind_long(lm, sae, CHUNK, short)
@@ -131,7 +133,7 @@ def test_short_job_waits_for_at_most_one_chunk(lm, sae, short_kind):
 
 def test_without_chunks_a_short_job_waits_for_the_long_one(lm, sae):
     """The same scenario with ``max_chunk_tokens=0``: the long job runs whole, first."""
-    short = Job(budgets=[4], activations=np.ones((1, 64), np.float32))
+    short = EncodeJob(budgets=[4], activations=np.ones((1, 64), np.float32))
     events = _short_behind_long(lm, sae, 0, short)
     assert events == [("batch", 1), ("long done", 0), ("short done", 0)]
 
@@ -156,7 +158,7 @@ def test_a_long_job_stops_between_chunks(lm, sae, how):
         with pytest.raises(error):
             future.result(30)
         # The worker goes on serving.
-        later = batcher.run(Job(budgets=[4], activations=np.ones((1, 64), np.float32)), 30)
+        later = batcher.run(EncodeJob(budgets=[4], activations=np.ones((1, 64), np.float32)), 30)
         assert later.indices.shape == (1, 4)
     finally:
         batcher.close()
@@ -172,8 +174,8 @@ def test_a_failing_chunk_fails_only_its_job(lm, sae):
     try:
         good_future = batcher.submit(_lm_job(lm, 4 * CHUNK, budgets=[8]))
         assert gated.started.wait(30)
-        bad_future = batcher.submit(Job(budgets=[4], activations=bad))
-        short_future = batcher.submit(Job(budgets=[4], activations=bad[:2]))
+        bad_future = batcher.submit(EncodeJob(budgets=[4], activations=bad))
+        short_future = batcher.submit(EncodeJob(budgets=[4], activations=bad[:2]))
         gated.release.set()
         with pytest.raises(RuntimeError, match="simulated bug"):
             bad_future.result(30)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from hsae_runtime.errors import HookpointError, InputError, ModelFileError
+from hsae_runtime.hookpoints import valid_hookpoints
 from hsae_runtime.lm import (
     Hookpoint,
     capture,
@@ -17,7 +18,6 @@ from hsae_runtime.lm import (
     resolve_hookpoint,
     special_token_mask,
     splice,
-    valid_hookpoints,
 )
 
 

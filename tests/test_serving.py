@@ -136,15 +136,17 @@ def test_nested_budgets_reconstructions_and_fvu(client, sae):
         np.testing.assert_array_equal(ib, sae.encode(x, b).indices.numpy())
 
 
-def test_decode_round_trip(client, sae):
+def test_decode_round_trip(client, sae, server):
     x = torch.randn(3, 4, 64)
     res = client.encode(activations=x, budgets=[12])
+    decodes = server.batcher.stats.decodes
     whole = client.decode(res.indices, res.values)
     assert whole.shape == (3, 4, 64)
     np.testing.assert_allclose(whole, sae.reconstruct(x, [12])[0].detach().numpy(), atol=1e-5)
     nested = client.decode(res.indices, res.values, budgets=[4, 12])
     assert nested.shape == (2, 3, 4, 64)
     np.testing.assert_allclose(nested[0], sae.reconstruct(x, [4])[0].detach().numpy(), atol=1e-5)
+    assert server.batcher.stats.decodes == decodes + 2  # Decode runs on the batcher's worker
 
 
 def test_stream_answers_in_order_and_survives_bad_items(client, sae):

@@ -13,7 +13,15 @@ import typer
 from hsae_runtime.cli.app import app
 from hsae_runtime.cli.common import parse_budgets
 from hsae_runtime.errors import ConfigError
-from hsae_runtime.serving.limits import ServingLimits
+from hsae_runtime.serving.limits import (
+    DEFAULT_ADDRESS,
+    DEFAULT_CALL_TIMEOUT_S,
+    DEFAULT_GRACE_S,
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    BatcherConfig,
+    ServingLimits,
+)
 
 
 @app.command()
@@ -22,26 +30,35 @@ def serve(
     lm: str = typer.Option(None, "--lm", help="LM hub id, folder or .gguf (default: the SAE's)."),
     hookpoint: str = typer.Option(None, "--hookpoint", help="Hookpoint (default: the SAE's)."),
     no_lm: bool = typer.Option(False, "--no-lm", help="Serve raw-activation requests only."),
-    host: str = typer.Option("127.0.0.1", help="Interface to bind (0.0.0.0 = all)."),
-    port: int = typer.Option(50051, help="TCP port (0 = any free port)."),
+    host: str = typer.Option(DEFAULT_HOST, help="Interface to bind (0.0.0.0 = all)."),
+    port: int = typer.Option(DEFAULT_PORT, help="TCP port (0 = any free port)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     backend: str = typer.Option("torch", help="SAE backend: torch or onnx."),
     lm_dtype: str = typer.Option("float32", help="LM dtype: float32, float16 or bfloat16."),
-    max_batch_tokens: int = typer.Option(8192, help="Most tokens in one batched forward."),
+    max_batch_tokens: int = typer.Option(
+        BatcherConfig.max_batch_tokens, help="Most tokens in one batched forward."
+    ),
     max_chunk_tokens: int = typer.Option(
-        512,
+        BatcherConfig.max_chunk_tokens,
         help="Longer requests run in chunks of this many tokens (or rows), interleaved with "
         "other requests: nobody waits for more than one chunk of a long one. 0 = never split.",
     ),
     max_wait_ms: float = typer.Option(
-        5.0,
+        BatcherConfig.max_wait_ms,
         help="Most ms the free worker holds a batch open for more requests (raise it, e.g. "
         "25, for many clients that each wait for their answer before sending again).",
     ),
-    max_queue: int = typer.Option(256, help="Queued requests before RESOURCE_EXHAUSTED."),
+    max_queue: int = typer.Option(
+        BatcherConfig.max_queue, help="Queued requests before RESOURCE_EXHAUSTED."
+    ),
     no_batching: bool = typer.Option(False, "--no-batching", help="One forward per request."),
-    max_request_tokens: int = typer.Option(8192, help="Most tokens / rows in one request."),
-    max_message_mb: int = typer.Option(64, help="Largest gRPC message, MiB, both directions."),
+    max_request_tokens: int = typer.Option(
+        ServingLimits.max_request_tokens, help="Most tokens / rows in one request."
+    ),
+    max_message_mb: int = typer.Option(
+        ServingLimits.max_message_bytes // 2**20,
+        help="Largest gRPC message, MiB, both directions.",
+    ),
     max_streams: int = typer.Option(
         ServingLimits.max_streams,
         help="Most EncodeStreams open at once (each holds a handler thread; at most 32).",
@@ -53,11 +70,12 @@ def serve(
     tls_cert: Path = typer.Option(None, help="PEM certificate chain (with --tls-key)."),
     tls_key: Path = typer.Option(None, help="PEM private key (with --tls-cert)."),
     token_file: Path = typer.Option(None, help="File holding the bearer token clients must send."),
-    grace: float = typer.Option(10.0, help="Seconds in-flight requests get on SIGTERM/SIGINT."),
+    grace: float = typer.Option(
+        DEFAULT_GRACE_S, help="Seconds in-flight requests get on SIGTERM/SIGINT."
+    ),
 ) -> None:
     """Serve an SAE over gRPC on a live LM: sparse codes at the budgets each request asks for."""
     from hsae_runtime.serving.backend import BackendName
-    from hsae_runtime.serving.batcher import BatcherConfig
     from hsae_runtime.serving.server import ServerOptions, load_and_start, serve_forever
 
     if backend not in ("torch", "onnx"):
@@ -100,13 +118,13 @@ def serve(
 @app.command()
 def encode(
     text: str = typer.Argument(..., help="Text to encode (use - to read stdin)."),
-    server: str = typer.Option("127.0.0.1:50051", "--server", help="Server address host:port."),
+    server: str = typer.Option(DEFAULT_ADDRESS, "--server", help="Server address host:port."),
     budgets: str = typer.Option("8,32", help="Comma-separated budgets, e.g. 8,16,32."),
     top: int = typer.Option(8, help="Latents shown per token."),
     include_special: bool = typer.Option(False, help="Also encode special tokens (BOS...)."),
     tls_cert: Path = typer.Option(None, help="CA / self-signed certificate: connect with TLS."),
     token_file: Path = typer.Option(None, help="File holding the bearer token."),
-    timeout: float = typer.Option(60.0, help="Deadline in seconds."),
+    timeout: float = typer.Option(DEFAULT_CALL_TIMEOUT_S, help="Deadline in seconds."),
 ) -> None:
     """Encode text on a running server and print tokens, per-budget FVU and top latents."""
     import sys

@@ -6,13 +6,16 @@ Modules, in the order a request meets them:
   check that they match the proto;
 * ``errors`` - the one table from exceptions to gRPC status codes;
 * ``convert`` - protobuf <-> tensors (``*_from_pb`` validate, ``*_to_pb`` build);
-* ``limits`` - per-request and per-stream limits (``ServingLimits``, the CLI's defaults);
+* ``limits`` - every serve default: ``ServingLimits``, ``BatcherConfig``, address, grace;
 * ``gate`` - admission of work calls: the stream cap and the drain on shutdown;
 * ``tokenise`` - request text to token ids, refusing over-long text before tokenising it all;
 * ``servicer`` - the thin ``hsae.v1.HSAE`` implementation;
-* ``batcher`` - dynamic batching: one LM forward and one SAE encode per batch;
-* ``backend`` - what an SAE engine must provide (torch, ONNX Runtime);
-* ``server`` - options, TLS / token auth, health, reflection, graceful shutdown.
+* ``jobs`` - the work queued for the batcher (encode, decode) and its results, protobuf-free;
+* ``batcher`` - the one worker that runs every model call: one LM forward and one SAE encode
+  per batch, long jobs in chunks (``chunks``);
+* ``backend`` - the SAE engine protocol and its torch and ONNX Runtime implementations;
+* ``security`` - TLS credentials and the bearer-token interceptor;
+* ``server`` - options, health, reflection, graceful shutdown.
 
 Nothing heavy is imported here: ``import hsae_runtime.serving.server`` pulls in grpc and torch.
 """

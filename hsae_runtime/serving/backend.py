@@ -1,27 +1,39 @@
-"""What the server needs from an SAE implementation: the :class:`Backend` protocol.
+"""What the server needs from an SAE engine: the :class:`Backend` protocol and its two
+implementations, which share everything but the math.
 
-The batcher only calls ``encode`` (one sorted top-k per batch), ``reconstruct_from_code``
-(prefix reconstructions at several budgets) and ``fvu_center``, so any engine that provides
-them can serve: :class:`TorchBackend` wraps :class:`~hsae_runtime.sae.SAE`, and
-:func:`load_backend` adapts the ONNX engine (``--backend onnx``) when it is installed.
+The batcher calls ``encode`` (one sorted top-k per batch), ``reconstruct_from_code`` (prefix
+reconstructions at several budgets, for Encode's extras and for Decode) and ``fvu_center``.
+:class:`EngineBackend` implements the protocol once - device and dtype conversion,
+``inference_mode``, float32 outputs, the FVU centre ``b_dec`` - over two math steps a subclass
+provides: :class:`TorchBackend` (:class:`~hsae_runtime.sae.SAE`'s encoder and the prefix-decode
+kernel) and :class:`OnnxBackend` (the sessions of
+:class:`~hsae_runtime.onnx_backend.OnnxSAE`, ``--backend onnx``).
 
-Inputs reaching a backend are already validated (shape, dtype, finite) by
-:mod:`hsae_runtime.serving.convert`, so backends do not re-check per request.
+Inputs reaching a backend are validated once, on the wire, before they are queued
+(:mod:`hsae_runtime.serving.convert`: shapes, dtypes, finiteness, budgets, latent ids), so
+backends run the engines' unchecked math and never re-check a request.
 """
 
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from hsae_runtime.config import SAEConfig
 from hsae_runtime.errors import ConfigError
+from hsae_runtime.kernels.prefix_decode import prefix_decode
+from hsae_runtime.kernels.topk import masked_topk
 from hsae_runtime.sae import SAE, SparseCode
+
+if TYPE_CHECKING:
+    from hsae_runtime.onnx_backend import OnnxSAE
 
 log = logging.getLogger(__name__)
 
@@ -34,68 +46,96 @@ class Backend(Protocol):
     name: str
     config: SAEConfig
     device: torch.device
+    dtype: torch.dtype
+    """The dtype ``encode`` takes its rows in."""
 
     def encode(self, x: Tensor, k: int) -> SparseCode:
-        """``x [N, d_in]`` -> sorted code ``values, indices [N, k]``."""
+        """Validated ``x [N, d_in]`` (``dtype``, on ``device``) -> sorted code ``[N, k]``."""
         ...
 
     def reconstruct_from_code(self, code: SparseCode, budgets: Sequence[int]) -> Tensor:
-        """``code [N, K]`` (indices may hold -1) -> ``[n_budgets, N, d_in]`` (float32)."""
+        """Validated ``code [N, K]`` (indices may hold -1; budgets each ≤ K) ->
+        ``[n_budgets, N, d_in]`` float32, in the order of ``budgets``."""
         ...
 
     def fvu_center(self) -> Tensor:
-        """``[d_in]``: the reconstruction of an empty code (``b_dec``), the FVU baseline."""
+        """``[d_in]`` float32: the reconstruction of an empty code (``b_dec``), the FVU
+        baseline."""
         ...
 
 
-class TorchBackend:
-    """The reference backend: the PyTorch :class:`SAE`, run under ``inference_mode``."""
+class EngineBackend(ABC):
+    """:class:`Backend` over an engine's two unchecked math steps (:meth:`_top_k`,
+    :meth:`_prefix_decode`), which run under ``inference_mode`` on ``device``."""
+
+    name: str
+
+    def __init__(
+        self, config: SAEConfig, device: torch.device, dtype: torch.dtype, b_dec: Tensor
+    ) -> None:
+        self.config = config
+        self.device = device
+        self.dtype = dtype
+        self._center = b_dec.detach().float().to(device)  # (d_in,)
+
+    def encode(self, x: Tensor, k: int) -> SparseCode:
+        with torch.inference_mode():
+            return self._top_k(x.to(self.device, self.dtype), k)
+
+    def reconstruct_from_code(self, code: SparseCode, budgets: Sequence[int]) -> Tensor:
+        values = code.values.to(device=self.device, dtype=self.dtype)  # (N, K)
+        indices = code.indices.to(device=self.device, dtype=torch.int64)  # (N, K)
+        with torch.inference_mode():
+            return self._prefix_decode(values, indices, list(budgets)).float()
+
+    def fvu_center(self) -> Tensor:
+        return self._center
+
+    @abstractmethod
+    def _top_k(self, x: Tensor, k: int) -> SparseCode:
+        """``x [N, d_in]`` -> sorted code ``[N, k]``."""
+
+    @abstractmethod
+    def _prefix_decode(self, values: Tensor, indices: Tensor, budgets: list[int]) -> Tensor:
+        """``values, indices [N, K]`` -> ``[n_budgets, N, d_in]`` in the order of ``budgets``."""
+
+
+class TorchBackend(EngineBackend):
+    """The reference backend: the PyTorch :class:`SAE`'s encoder and prefix-decode kernel."""
 
     name = "torch"
 
     def __init__(self, sae: SAE) -> None:
         self.sae = sae.eval()
-        self.config = sae.config
-        self.device = sae.device
-        # One-time packed W_enc on CPU: small batches (what a server sees) run ~3x faster.
+        super().__init__(sae.config, sae.device, sae.dtype, sae.b_dec)
+        # A one-time packed W_enc on CPU makes small batches (what a server sees) faster.
         if sae.pack_for_cpu_inference():
             log.info("packed W_enc for CPU inference (oneDNN)")
 
-    def encode(self, x: Tensor, k: int) -> SparseCode:
-        with torch.inference_mode():
-            return self.sae.encode(x, k)
+    def _top_k(self, x: Tensor, k: int) -> SparseCode:
+        values, indices = masked_topk(self.sae.pre_activations(x), k, None)  # (N, k)
+        return SparseCode(values, indices)
 
-    def reconstruct_from_code(self, code: SparseCode, budgets: Sequence[int]) -> Tensor:
-        values = code.values.to(device=self.device, dtype=self.sae.dtype)
-        indices = code.indices.to(device=self.device, dtype=torch.int64)
-        with torch.inference_mode():
-            out = self.sae.reconstruct_from_code(SparseCode(values, indices), list(budgets))
-        return out.float()
-
-    def fvu_center(self) -> Tensor:
-        return self.sae.b_dec.detach().float()
+    def _prefix_decode(self, values: Tensor, indices: Tensor, budgets: list[int]) -> Tensor:
+        return prefix_decode(values, indices, self.sae.W_dec, self.sae.b_dec, budgets)
 
 
-class OnnxBackend:
-    """Adapter for :class:`hsae_runtime.onnx_backend.OnnxSAE` (ONNX Runtime sessions)."""
+class OnnxBackend(EngineBackend):
+    """The ONNX Runtime backend: :class:`~hsae_runtime.onnx_backend.OnnxSAE`'s sessions (CPU
+    tensors in and out; the graph's dtype is float32 or float16)."""
 
     name = "onnx"
 
-    def __init__(self, sae: Any) -> None:
+    def __init__(self, sae: OnnxSAE) -> None:
         self.sae = sae
-        self.config: SAEConfig = sae.config
-        self.device: torch.device = sae.device
+        super().__init__(sae.config, sae.device, sae.dtype, sae.b_dec)
 
-    def encode(self, x: Tensor, k: int) -> SparseCode:
-        return self.sae.encode(x, k)
+    def _top_k(self, x: Tensor, k: int) -> SparseCode:
+        rows = np.ascontiguousarray(x.numpy())  # (N, d_in)
+        return self.sae.top_k_rows(rows, np.full(rows.shape[0], k, dtype=np.int64), k)
 
-    def reconstruct_from_code(self, code: SparseCode, budgets: Sequence[int]) -> Tensor:
-        return self.sae.reconstruct_from_code(code, list(budgets)).float()
-
-    def fvu_center(self) -> Tensor:
-        # OnnxSAE keeps b_dec private; decoding an all-masked code returns exactly b_dec.
-        empty = SparseCode(torch.zeros(1, 1), torch.full((1, 1), -1, dtype=torch.int64))
-        return self.sae.decode(empty)[0].float()
+    def _prefix_decode(self, values: Tensor, indices: Tensor, budgets: list[int]) -> Tensor:
+        return self.sae.prefix_decode_rows(values.numpy(), indices.numpy(), budgets)
 
 
 def load_backend(

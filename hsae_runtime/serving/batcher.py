@@ -1,40 +1,39 @@
 """Dynamic batching: many concurrent requests -> one LM forward and one SAE encode.
 
-Request threads (gRPC's pool) turn a parsed request into a :class:`Job` (tokenising text on
-their own thread) and :meth:`Batcher.submit` it to a bounded queue; a full queue raises
-:class:`~hsae_runtime.serving.errors.QueueFullError` (RESOURCE_EXHAUSTED) at once instead of
-letting latency grow without bound. One worker thread owns the models:
+Every model call of the server goes through here. Request threads (gRPC's pool) turn a parsed
+request into a job (:mod:`~hsae_runtime.serving.jobs`: an ``EncodeJob``, text tokenised on
+their own thread, or a ``DecodeJob``) and :meth:`Batcher.submit` it to a bounded queue; a full
+queue raises :class:`~hsae_runtime.serving.errors.QueueFullError` (RESOURCE_EXHAUSTED) at once
+instead of letting latency grow without bound. One worker thread owns the models:
 
 1. it takes the oldest job, then keeps collecting until the batch holds ``max_batch_tokens``
-   (padded LM tokens + activation rows) or ``max_wait_ms`` has passed since the worker was
-   free to run it (a job queued while the previous batch ran was not held back by batching,
-   so that time does not count) - or, earlier, once the batch holds the expected number of
-   jobs, nothing more is queued and no request is being parsed (:meth:`Batcher.arriving`).
-   The expectation is the jobs the previous batch just answered plus those that queued while
-   it ran: clients in a closed loop send again once answered, so 16 lockstep clients get one
-   16-job batch per round instead of settling into two alternating half-size batches (which
-   cost ~1.4x the encoder time per row), and a lone client (expectation 1) is never delayed.
-   When clients leave, one batch waits the full ``max_wait_ms`` and the expectation follows;
+   (padded LM tokens + other rows) or ``max_wait_ms`` has passed since the worker was free to
+   run it (time queued while the previous batch ran does not count) - or, earlier, once the
+   batch holds the expected number of jobs, nothing more is queued and no request is being
+   parsed (:meth:`Batcher.arriving`). The expectation is the jobs the previous batch answered
+   plus those that queued while it ran: clients in a closed loop send again once answered, so
+   16 lockstep clients get one 16-job batch per round instead of two alternating half-size
+   batches, and a lone client (expectation 1) is never delayed;
 2. drops jobs whose client has gone (cancelled) or whose deadline has passed;
 3. runs the LM once on the right-padded token batch, stopped at the hookpoint
    (:func:`hsae_runtime.lm.capture`), and keeps each job's wanted rows;
-4. encodes all rows of all jobs with ONE top-k at the batch's largest budget - codes are nested
-   prefixes, so each job slices ``[:, :k]`` for its own budget;
-5. computes per-job reconstructions / FVU and resolves each job's future.
+4. encodes all rows of all encode jobs with ONE top-k at the batch's largest budget - codes
+   are nested prefixes, so each job slices ``[:, :k]`` for its own budget;
+5. computes per-job reconstructions / FVU, decodes each decode job's code, and resolves each
+   job's future.
 
-Long jobs run in chunks, interleaved with the rest: a job over ``max_chunk_tokens`` (LM tokens
-or activation rows) never joins a batch; it waits in a round-robin line of long jobs, and
+Long jobs run in chunks, interleaved with the rest: a job over ``max_chunk_tokens`` (LM tokens,
+activation or code rows) never joins a batch; it waits in a round-robin line of long jobs, and
 each turn of the worker runs one batch of whatever short jobs are queued (without waiting for
 more) and then one chunk of the next long job (:class:`~hsae_runtime.serving.chunks.ChunkedJob`:
-its LM chunk runs on the KV cache of the chunks before it, so its activations are unchanged,
-and its rows are encoded at once). A short request therefore waits for at most one chunk, not
-for the longest request in the queue. Cancellation and deadlines are checked before every
-chunk; a failing chunk fails only its own job. Jobs that fit one chunk are batched as above.
+an LM chunk runs on the KV cache of the chunks before it, so its activations are unchanged). A
+short request therefore waits for at most one chunk. Cancellation and deadlines are checked
+before every chunk; a failing chunk fails only its own job.
 
 If a batch fails, its jobs are retried one by one so one bad job cannot fail its neighbours.
 One worker (not a pool) because the models are shared and a single CPU/GPU stream is the
-bottleneck anyway; parallelism comes from batching. ``stats`` counts batches and LM forwards
-so tests can see coalescing happen.
+bottleneck anyway; parallelism comes from batching. ``stats`` counts batches, LM forwards and
+decodes so tests can see coalescing happen.
 """
 
 from __future__ import annotations
@@ -44,11 +43,11 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -58,94 +57,24 @@ from hsae_runtime.lm import PrefixCache
 from hsae_runtime.sae import SparseCode, per_token_fvu
 from hsae_runtime.serving.backend import Backend
 from hsae_runtime.serving.chunks import ChunkedJob
-from hsae_runtime.serving.convert import EncodeOutput, HostArray, as_tensor
 from hsae_runtime.serving.errors import (
     CancelledError,
     DeadlineError,
     QueueFullError,
     ShuttingDownError,
 )
+from hsae_runtime.serving.jobs import (
+    DecodeJob,
+    EncodeJob,
+    EncodeOutput,
+    HostArray,
+    Job,
+    LMInput,
+    as_tensor,
+)
+from hsae_runtime.serving.limits import BatcherConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class BatcherConfig:
-    """Limits of the batching queue."""
-
-    max_batch_tokens: int = 8192
-    """Most tokens (padded LM positions + activation rows) in one batch. A single larger
-    request still runs, alone."""
-
-    max_wait_ms: float = 5.0
-    """Longest the worker, once free, holds a batch open for more jobs to join (it closes
-    sooner once the expected number of jobs has joined)."""
-
-    max_queue: int = 256
-    """Most jobs waiting; beyond it requests get RESOURCE_EXHAUSTED."""
-
-    max_chunk_tokens: int = 512
-    """Longer jobs (LM tokens or activation rows) run in chunks of this size, interleaved with
-    other jobs, so no request waits for more than one chunk of a long one. 0 never splits."""
-
-    batching: bool = True
-    """False runs every job alone (one forward / encode per request): for benchmarks."""
-
-    def __post_init__(self) -> None:
-        if self.max_batch_tokens < 1:
-            raise ValueError(
-                f"BatcherConfig.max_batch_tokens must be >= 1, got {self.max_batch_tokens}"
-            )
-        if self.max_wait_ms < 0:
-            raise ValueError(f"BatcherConfig.max_wait_ms must be >= 0, got {self.max_wait_ms}")
-        if self.max_queue < 1:
-            raise ValueError(f"BatcherConfig.max_queue must be >= 1, got {self.max_queue}")
-        if self.max_chunk_tokens < 0:
-            raise ValueError(
-                f"BatcherConfig.max_chunk_tokens must be >= 0, got {self.max_chunk_tokens}"
-            )
-
-
-@dataclass
-class LMInput:
-    """A token sequence for the LM and which of its positions to encode."""
-
-    token_ids: Tensor
-    """``[T]`` int64."""
-    keep: Tensor
-    """``[T]`` bool: positions whose activations are encoded."""
-
-
-@dataclass
-class Job:
-    """One request's work. Exactly one of ``lm_input`` / ``activations`` is set."""
-
-    budgets: list[int]
-    reconstructions: bool = False
-    fvu: bool = False
-    activations: HostArray | None = None
-    """``[N, d_in]`` rows (raw-activation requests): numpy or a CPU tensor."""
-    lm_input: LMInput | None = None
-    deadline: float | None = None
-    """``time.monotonic()`` after which the result is useless."""
-    is_active: Callable[[], bool] = lambda: True
-    future: Future[EncodeOutput] = field(default_factory=Future)
-    enqueued: float = 0.0
-    cancelled: bool = False
-
-    @property
-    def k(self) -> int:
-        return max(self.budgets)
-
-    @property
-    def cost(self) -> int:
-        if self.lm_input is not None:
-            return int(self.lm_input.token_ids.shape[0])
-        assert self.activations is not None
-        return int(self.activations.shape[0])
-
-    def cancel(self) -> None:
-        self.cancelled = True
 
 
 @dataclass
@@ -159,10 +88,13 @@ class BatcherStats:
     rows: int = 0
     dropped: int = 0
     chunks: int = 0
-    """Chunks of long jobs run (each one LM forward or one slice of activation rows)."""
+    """Chunks of long jobs run (each one LM forward, or one slice of activation / code rows)."""
+    decodes: int = 0
+    """Prefix reconstructions run for decode jobs (one per job or chunk)."""
 
 
 _STOP = object()
+R = TypeVar("R")
 
 
 class Capture(Protocol):
@@ -176,7 +108,7 @@ class Capture(Protocol):
 
 
 class Batcher:
-    """Owns the models; turns queued :class:`Job` s into batched forwards and encodes.
+    """Owns the models; turns queued jobs into batched forwards, encodes and decodes.
 
     ``capture`` runs the LM up to the hookpoint (``None`` on a ``--no-lm`` server).
     """
@@ -197,7 +129,7 @@ class Batcher:
         self._queue: queue.Queue[object] = queue.Queue(maxsize=self.config.max_queue)
         self._closed = False
         self._lock = threading.Lock()
-        self._carry: deque[Job] = deque()
+        self._carry: deque[Job[Any]] = deque()
         self._long: deque[ChunkedJob] = deque()  # long jobs in progress, run a chunk per turn
         self._target_jobs = 1  # expected jobs: stop waiting once this many joined (see _run)
         self._arriving = 0  # requests being parsed that will submit a job (see arriving())
@@ -206,7 +138,7 @@ class Batcher:
         self._worker.start()
 
     # ------------------------------------------------------------------ request side
-    def submit(self, job: Job) -> Future[EncodeOutput]:
+    def submit(self, job: Job[R]) -> Future[R]:
         """Queue ``job``; raises QueueFullError / ShuttingDownError instead of blocking."""
         with self._lock:
             if self._closed:
@@ -232,14 +164,9 @@ class Batcher:
             with self._lock:
                 self._arriving -= 1
 
-    def run(self, job: Job, timeout: float | None = None) -> EncodeOutput:
-        """Submit and wait (the request thread's call). ``timeout`` is the client's deadline."""
-        return self.result(job, self.submit(job), timeout)
-
-    def result(
-        self, job: Job, future: Future[EncodeOutput], timeout: float | None = None
-    ) -> EncodeOutput:
-        """Wait for a submitted job; past ``timeout`` (the client's deadline) it is cancelled."""
+    def run(self, job: Job[R], timeout: float | None = None) -> R:
+        """Submit and wait; past ``timeout`` (the client's deadline) the job is cancelled."""
+        future = self.submit(job)
         try:
             return future.result(timeout=timeout)
         except TimeoutError:
@@ -280,13 +207,13 @@ class Batcher:
                 self._run_chunk()
             free_at = time.monotonic()
 
-    def _gather(self, free_at: float, *, block: bool) -> tuple[list[Job], bool]:
+    def _gather(self, free_at: float, *, block: bool) -> tuple[list[Job[Any]], bool]:
         """The next batch of short jobs (maybe none) and whether STOP was seen.
 
         Long jobs met on the way join the line of chunked jobs instead. While that line is not
         empty the batch takes only what is already queued: the worker has work to do.
         """
-        batch: list[Job] = []
+        batch: list[Job[Any]] = []
         wait_until = 0.0
         while True:
             if not batch:
@@ -336,27 +263,30 @@ class Batcher:
         else:
             self._long.append(chunked)
 
-    def _compute_chunk(self, chunked: ChunkedJob) -> EncodeOutput | None:
-        """Run and encode the next chunk's rows; ``None`` if it keeps none."""
-        job = chunked.job
+    def _compute_chunk(self, chunked: ChunkedJob) -> Any:
+        """Run the next chunk of a long job; ``None`` if it keeps no row."""
         start, end = chunked.next_span()
-        rows: HostArray
-        if job.lm_input is None:
-            assert job.activations is not None
-            rows = job.activations[start:end]  # (t, d_in)
-        else:
-            assert self.capture is not None, "LM job on a server without an LM"
-            ids = job.lm_input.token_ids[None, start:end]  # (1, t)
-            hidden = self.capture(ids, torch.ones_like(ids), chunked.cache)  # (1, t, d_in)
-            self.stats.lm_forwards += 1
-            rows = hidden[0][job.lm_input.keep[start:end].to(hidden.device)]
         self.stats.chunks += 1
+        match chunked.job:
+            case DecodeJob() as job:
+                return self._decode(job.rows(start, end), job.budgets)
+            case EncodeJob(lm_input=None, activations=acts) as job:
+                assert acts is not None
+                rows: HostArray = acts[start:end]  # (t, d_in)
+            case EncodeJob(lm_input=LMInput() as lm_input) as job:
+                assert self.capture is not None, "LM job on a server without an LM"
+                ids = lm_input.token_ids[None, start:end]  # (1, t)
+                hidden = self.capture(ids, torch.ones_like(ids), chunked.cache)  # (1, t, d_in)
+                self.stats.lm_forwards += 1
+                rows = hidden[0][lm_input.keep[start:end].to(hidden.device)]
+            case other:
+                raise TypeError(f"the batcher cannot run a {type(other).__name__}")
         if rows.shape[0] == 0:
             return None
-        piece = Job(job.budgets, job.reconstructions, job.fvu, activations=rows)
-        return self._compute([piece])[0]
+        piece = EncodeJob(job.budgets, job.reconstructions, job.fvu, activations=rows)
+        return self._encode([piece])[0]
 
-    def _process(self, batch: list[Job]) -> None:
+    def _process(self, batch: list[Job[Any]]) -> None:
         live = [job for job in batch if self._still_wanted(job)]
         if not live:
             return
@@ -373,7 +303,7 @@ class Batcher:
         for job, out in zip(live, outputs):
             job.future.set_result(out)
 
-    def _still_wanted(self, job: Job) -> bool:
+    def _still_wanted(self, job: Job[Any]) -> bool:
         if job.cancelled or not job.is_active():
             job.future.set_exception(CancelledError("the request was cancelled"))
         elif job.deadline is not None and time.monotonic() > job.deadline:
@@ -383,7 +313,26 @@ class Batcher:
         self.stats.dropped += 1
         return False
 
-    def _compute(self, jobs: list[Job]) -> list[EncodeOutput]:
+    def _compute(self, jobs: list[Job[Any]]) -> list[Any]:
+        """Each job's result: all encode jobs in one encode, each decode job on its own."""
+        encodes = [job for job in jobs if isinstance(job, EncodeJob)]
+        results: dict[int, Any] = dict(zip(map(id, encodes), self._encode(encodes)))
+        for job in jobs:
+            if isinstance(job, DecodeJob):
+                results[id(job)] = self._decode(job.code, job.budgets)
+            elif not isinstance(job, EncodeJob):
+                raise TypeError(f"the batcher cannot run a {type(job).__name__}")
+        return [results[id(job)] for job in jobs]
+
+    def _decode(self, code: SparseCode, budgets: list[int]) -> Tensor:
+        """``code [N, k]`` -> ``[n_budgets, N, d_in]`` float32 on the CPU."""
+        self.stats.decodes += 1
+        return self.backend.reconstruct_from_code(code, budgets).cpu()
+
+    def _encode(self, jobs: list[EncodeJob]) -> list[EncodeOutput]:
+        """One LM forward (if any job has tokens) and one top-k for all ``jobs``."""
+        if not jobs:
+            return []
         x, sizes = self._rows(jobs)  # (N, d_in) on the backend's device; rows per job
         k = max(job.k for job in jobs)
         code = self.backend.encode(x, k)  # (N, k): one top-k for the whole batch
@@ -391,7 +340,7 @@ class Batcher:
         self.stats.encodes += 1
         self.stats.rows += x.shape[0]
         # One host copy for the batch; each job gets numpy views (no torch call per job, see
-        # the GIL note in convert).
+        # the GIL note in jobs).
         values = code.values.float().cpu().numpy()  # (N, k) float32
         indices = code.indices.to(torch.int32).cpu().numpy()  # (N, k) int32
         outputs = []
@@ -412,29 +361,26 @@ class Batcher:
             outputs.append(out)
         return outputs
 
-    def _rows(self, jobs: list[Job]) -> tuple[Tensor, list[int]]:
+    def _rows(self, jobs: list[EncodeJob]) -> tuple[Tensor, list[int]]:
         """All jobs' rows as one ``[N, d_in]`` tensor in the backend's device and dtype."""
-        lm_jobs = [job for job in jobs if job.lm_input is not None]
+        lm_inputs = [job.lm_input for job in jobs if job.lm_input is not None]
         acts: dict[int, Tensor] = {}
-        if lm_jobs:
+        if lm_inputs:
             assert self.capture is not None, "LM job on a server without an LM"
-            lengths = [int(job.lm_input.token_ids.shape[0]) for job in lm_jobs]  # type: ignore[union-attr]
-            ids = torch.full((len(lm_jobs), max(lengths)), self.pad_id, dtype=torch.long)  # (B, T)
+            lengths = [int(lm.token_ids.shape[0]) for lm in lm_inputs]
+            ids = torch.full((len(lengths), max(lengths)), self.pad_id, dtype=torch.long)  # (B, T)
             mask = torch.zeros_like(ids)
-            for i, job in enumerate(lm_jobs):
-                assert job.lm_input is not None
-                ids[i, : lengths[i]] = job.lm_input.token_ids
+            for i, lm in enumerate(lm_inputs):
+                ids[i, : lengths[i]] = lm.token_ids
                 mask[i, : lengths[i]] = 1
             hidden = self.capture(ids, mask)  # (B, T, d_in), right padding leaves rows intact
             self.stats.lm_forwards += 1
-            for i, job in enumerate(lm_jobs):
-                assert job.lm_input is not None
-                keep = job.lm_input.keep.to(hidden.device)
-                acts[id(job)] = hidden[i, : lengths[i]][keep]
+            for i, lm in enumerate(lm_inputs):
+                acts[id(lm)] = hidden[i, : lengths[i]][lm.keep.to(hidden.device)]
         parts: list[HostArray] = []
         for job in jobs:
             if job.lm_input is not None:
-                parts.append(acts[id(job)])
+                parts.append(acts[id(job.lm_input)])
             else:
                 assert job.activations is not None
                 parts.append(job.activations)
@@ -442,14 +388,15 @@ class Batcher:
         if all(isinstance(p, np.ndarray) for p in parts) and len({p.dtype for p in parts}) == 1:
             x = as_tensor(np.concatenate(parts) if len(parts) > 1 else parts[0])  # (N, d_in)
         else:
-            dtype = self.backend.config.torch_dtype
+            dtype = self.backend.dtype
             tensors = [as_tensor(p).to(self.backend.device, dtype) for p in parts]
             x = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
-        return x.to(self.backend.device, self.backend.config.torch_dtype), sizes
+        return x.to(self.backend.device, self.backend.dtype), sizes
 
 
-def _padded_cost(jobs: list[Job]) -> int:
-    """Tokens the batch costs: LM sequences padded to the longest, plus activation rows."""
-    lengths = [job.cost for job in jobs if job.lm_input is not None]
-    rows = sum(job.cost for job in jobs if job.lm_input is None)
+def _padded_cost(jobs: list[Job[Any]]) -> int:
+    """Tokens the batch costs: LM sequences padded to the longest, plus all other rows."""
+    lm = [isinstance(job, EncodeJob) and job.lm_input is not None for job in jobs]
+    lengths = [job.cost for job, is_lm in zip(jobs, lm) if is_lm]
+    rows = sum(job.cost for job, is_lm in zip(jobs, lm) if not is_lm)
     return len(lengths) * max(lengths, default=0) + rows

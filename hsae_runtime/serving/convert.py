@@ -3,7 +3,9 @@
 Tensors cross the wire as raw little-endian bytes + shape + dtype (``hsae.v1.Tensor``). Parsing
 copies the bytes once (``bytearray``) and views them as a numpy array (a tensor only for
 bfloat16); building calls ``tobytes()`` once per array. Nothing here builds ``repeated float``
-fields. The request path stays in numpy on purpose: see the GIL note above ``HostArray``.
+fields. The request path stays in numpy on purpose: see the GIL note in
+:mod:`~hsae_runtime.serving.jobs`. This module only converts and validates: the job and result
+types it fills live in ``jobs`` (no protobuf there).
 
 Every check a client can fail lives here and raises :class:`~hsae_runtime.errors.InputError`
 (-> INVALID_ARGUMENT), so all backends see only valid input: budgets in 1..k_max, activations
@@ -25,6 +27,7 @@ from torch import Tensor
 
 from hsae_runtime.config import SAEConfig
 from hsae_runtime.errors import InputError
+from hsae_runtime.serving.jobs import EncodeOutput, HostArray, as_tensor
 from hsae_runtime.serving.stubs import load as load_stubs
 
 pb, _ = load_stubs()
@@ -37,8 +40,8 @@ _TORCH = {
     pb.DTYPE_INT32: torch.int32,
 }
 _WIRE = {v: k for k, v in _TORCH.items()}
-# numpy views are used where numpy has the dtype: its small-array checks cost ~10 us where
-# torch's cost ~60 us, which matters at thousands of single-row requests per second.
+# numpy views are used where numpy has the dtype: its small-array checks cost far less than
+# torch's, which matters at thousands of single-row requests per second.
 _NUMPY = {pb.DTYPE_FLOAT32: np.float32, pb.DTYPE_FLOAT16: np.float16, pb.DTYPE_INT32: np.int32}
 FLOAT_INPUTS = (pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16)
 MAX_RANK = 8
@@ -53,12 +56,6 @@ def dtype_name(wire: int) -> str:
 
 
 # ----------------------------------------------------------------------------- tensors
-# Host arrays are numpy wherever numpy has the dtype and torch only for bfloat16. Request
-# threads touch numpy only: each torch call releases and re-takes the GIL, and with a few dozen
-# gRPC threads contending for it a ~2 us torch op costs ~20 us; numpy's small-array calls keep
-# the GIL. (Measured: 30 torch reshapes per request cost +0.5 ms of server CPU per request at
-# 16 concurrent clients, 30 numpy reshapes +0.1 ms.)
-HostArray = np.ndarray | Tensor
 _NUMPY_WIRE = {np.dtype(v): k for k, v in _NUMPY.items()}
 _ITEMSIZE = {pb.DTYPE_FLOAT32: 4, pb.DTYPE_FLOAT16: 2, pb.DTYPE_BFLOAT16: 2, pb.DTYPE_INT32: 4}
 
@@ -143,11 +140,6 @@ def array_from_pb(msg: Any, what: str, allowed: Sequence[int]) -> HostArray:
 def tensor_from_pb(msg: Any, what: str, allowed: Sequence[int]) -> Tensor:
     """:func:`array_from_pb` as a CPU tensor (sharing the numpy array's memory)."""
     return as_tensor(array_from_pb(msg, what, allowed))
-
-
-def as_tensor(a: HostArray) -> Tensor:
-    """A host array as a tensor, sharing memory."""
-    return torch.from_numpy(a) if isinstance(a, np.ndarray) else a
 
 
 def all_finite(t: HostArray) -> bool:
@@ -269,23 +261,6 @@ def encode_request_from_pb(req: Any, config: SAEConfig, max_rows: int) -> Encode
         case other:
             raise InputError(f"unknown input field {other!r}")
     return parsed
-
-
-@dataclass
-class EncodeOutput:
-    """What the batcher computed for one request (CPU tensors)."""
-
-    values: HostArray
-    """``[N, k]`` sorted descending (numpy float32 from the batcher)."""
-    indices: HostArray
-    """``[N, k]`` latent ids (numpy int32 from the batcher)."""
-    reconstructions: Tensor | None = None
-    """``[n_budgets, N, d_in]`` in request order."""
-    fvu: Tensor | None = None
-    """``[n_budgets, N]`` per-token FVU."""
-    token_ids: list[int] = field(default_factory=list)
-    tokens: list[str] = field(default_factory=list)
-    positions: list[int] = field(default_factory=list)
 
 
 _LARGE_INPUT_HINT = (

@@ -6,8 +6,7 @@
   smaller than one 456x2304 float32 request).
 * ``grpc.health.v1`` (always reachable without a token, for probes) and server reflection (so
   ``grpcurl`` works) are always on.
-* TLS from a PEM cert/key pair; a bearer token (``authorization: Bearer <token>``) checked by
-  an interceptor in constant time. A token over plain TCP is readable on the wire: use both.
+* TLS from a PEM cert/key pair and a bearer token (:mod:`~hsae_runtime.serving.security`).
 * Threads: open EncodeStreams are capped (``--max-streams``, at most half the handler threads)
   and closed when idle (``--stream-idle-timeout-s``); health checks and Info run on a small
   pool of their own, so they answer however busy the main pool is.
@@ -22,11 +21,9 @@ file and the LM the way ``hsae-runtime serve`` does.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import mmap
 import signal
-import ssl
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -39,17 +36,23 @@ import torch
 
 from hsae_runtime.errors import ConfigError
 from hsae_runtime.serving.backend import Backend, BackendName, load_backend
-from hsae_runtime.serving.batcher import Batcher, BatcherConfig
-from hsae_runtime.serving.errors import AuthError, status_for
-from hsae_runtime.serving.servicer import HSAEServicer, ServingLimits
+from hsae_runtime.serving.batcher import Batcher
+from hsae_runtime.serving.limits import (
+    DEFAULT_GRACE_S,
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    BatcherConfig,
+    ServingLimits,
+)
+from hsae_runtime.serving.security import HEALTH_PREFIX, TokenInterceptor, tls_credentials
+from hsae_runtime.serving.servicer import HSAEServicer
 from hsae_runtime.serving.stubs import load as load_stubs
 
 pb, pb_grpc = load_stubs()
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "hsae.v1.HSAE"
-_HEALTH_PREFIX = "/grpc.health.v1.Health/"
-_RESERVED_METHODS = frozenset({_HEALTH_PREFIX + "Check", f"/{SERVICE_NAME}/Info"})
+_RESERVED_METHODS = frozenset({HEALTH_PREFIX + "Check", f"/{SERVICE_NAME}/Info"})
 _ABORT_WAIT_S = 2.0
 """After the grace: how long calls get to send their UNAVAILABLE before the port closes."""
 
@@ -58,9 +61,9 @@ _ABORT_WAIT_S = 2.0
 class ServerOptions:
     """Network, security and capacity settings of a server."""
 
-    host: str = "127.0.0.1"
+    host: str = DEFAULT_HOST
     """Interface to bind; ``0.0.0.0`` exposes the server to the network."""
-    port: int = 50051
+    port: int = DEFAULT_PORT
     """TCP port; 0 picks a free one (tests)."""
     limits: ServingLimits = field(default_factory=ServingLimits)
     batching: BatcherConfig = field(default_factory=BatcherConfig)
@@ -98,40 +101,6 @@ class ServerOptions:
                 hint="open streams each hold a thread: lower --max-streams so unary calls "
                 "always find one",
             )
-
-
-class _TokenInterceptor(grpc.ServerInterceptor):
-    """Refuses calls without ``authorization: Bearer <token>`` (health checks pass freely)."""
-
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
-
-    def intercept_service(self, continuation: Callable[..., Any], details: Any) -> Any:
-        handler = continuation(details)
-        if handler is None or details.method.startswith(_HEALTH_PREFIX):
-            return handler
-        got = dict(details.invocation_metadata).get("authorization", "")
-        if hmac.compare_digest(str(got).encode(), self._expected):
-            return handler
-        code, message = status_for(
-            AuthError("missing or wrong token: send metadata 'authorization: Bearer <token>'")
-        )
-        log.debug("%s %s peer rejected", details.method, code.name)
-
-        def deny(_request: Any, context: grpc.ServicerContext) -> Any:
-            context.abort(code, message)
-
-        match (handler.request_streaming, handler.response_streaming):
-            case (False, False):
-                return grpc.unary_unary_rpc_method_handler(deny)
-            case (False, True):
-                return grpc.unary_stream_rpc_method_handler(deny)
-            case (True, False):
-                return grpc.stream_unary_rpc_method_handler(deny)
-            case (True, True):
-                return grpc.stream_stream_rpc_method_handler(deny)
-            case other:
-                raise ValueError(f"unexpected handler kind {other}")
 
 
 class _ReservedPoolInterceptor(grpc.ServerInterceptor):
@@ -188,7 +157,7 @@ class RunningServer:
         host = f"[{host}]" if ":" in host else host
         return f"{host}:{self.port}"
 
-    def stop(self, grace: float | None = 10.0) -> None:
+    def stop(self, grace: float | None = DEFAULT_GRACE_S) -> None:
         """Drain for up to ``grace`` seconds, then close the port and stop the batcher.
 
         While draining, the port stays open: health answers NOT_SERVING, new Encode / Decode /
@@ -241,7 +210,7 @@ def start(
     from hsae_runtime import __version__
 
     options = options or ServerOptions()
-    creds = _tls_credentials(options.tls_cert, options.tls_key)  # a bad PEM fails before any work
+    creds = tls_credentials(options.tls_cert, options.tls_key)  # a bad PEM fails before any work
     pad_id = 0
     if lm is not None:
         pad = getattr(lm.tokenizer, "pad_token_id", None)
@@ -260,7 +229,7 @@ def start(
         _ReservedPoolInterceptor(reserved_pool, _RESERVED_METHODS)
     ]
     if options.token:
-        interceptors.append(_TokenInterceptor(options.token))
+        interceptors.append(TokenInterceptor(options.token))
     server = grpc.server(
         ThreadPoolExecutor(max_workers=options.max_workers, thread_name_prefix="hsae-grpc"),
         interceptors=interceptors,
@@ -368,7 +337,7 @@ def load_and_start(
     return start(sae_backend, lm=lm, hookpoint=hp_name, capture=run_lm, options=options)
 
 
-def serve_forever(running: RunningServer, grace: float = 10.0) -> None:
+def serve_forever(running: RunningServer, grace: float = DEFAULT_GRACE_S) -> None:
     """Block until SIGTERM / SIGINT, then stop gracefully (must run in the main thread)."""
     stop = threading.Event()
 
@@ -386,50 +355,6 @@ def serve_forever(running: RunningServer, grace: float = 10.0) -> None:
         for s, handler in previous.items():
             signal.signal(s, handler)
     running.stop(grace)
-
-
-def _tls_credentials(cert: Path | None, key: Path | None) -> grpc.ServerCredentials | None:
-    """Server credentials from a PEM certificate chain and key (``None`` without TLS).
-
-    Each file is read and parsed here, so a missing, unreadable or non-PEM file is a
-    :class:`ConfigError` naming that file (not a bind failure later).
-    """
-    if cert is None or key is None:
-        return None
-    cert_pem = _read_pem(cert, "certificate")
-    key_pem = _read_pem(key, "private key")
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    try:
-        context.load_verify_locations(cadata=cert_pem.decode("ascii", errors="replace"))
-    except (ssl.SSLError, ValueError) as err:
-        raise ConfigError(
-            f"TLS certificate {cert} is not a readable PEM certificate ({err})",
-            hint="pass a PEM certificate chain (-----BEGIN CERTIFICATE-----) to --tls-cert",
-        ) from err
-    try:  # the password callback keeps OpenSSL from prompting for an encrypted key
-        context.load_cert_chain(cert, key, password=lambda: "")
-    except (ssl.SSLError, ValueError) as err:
-        raise ConfigError(
-            f"TLS key {key} is not a readable PEM private key for {cert} ({err})",
-            hint="pass the certificate's unencrypted PEM private key to --tls-key",
-        ) from err
-    return grpc.ssl_server_credentials([(key_pem, cert_pem)])
-
-
-def _read_pem(path: Path, what: str) -> bytes:
-    try:
-        data = Path(path).read_bytes()
-    except OSError as err:
-        raise ConfigError(
-            f"cannot read the TLS {what} {path}: {err.strerror or err}",
-            hint=f"pass a readable PEM {what} file",
-        ) from err
-    if b"-----BEGIN " not in data:
-        raise ConfigError(
-            f"TLS {what} {path} is not a readable PEM file (no -----BEGIN line)",
-            hint=f"pass a PEM {what} file",
-        )
-    return data
 
 
 def page_in_embeddings(model: Any) -> None:

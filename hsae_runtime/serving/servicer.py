@@ -1,7 +1,8 @@
 """The ``hsae.v1.HSAE`` servicer: parse (convert), tokenise, hand to the batcher, build (convert).
 
 Thin on purpose: validation and protobuf live in :mod:`.convert`, batching and the models in
-:mod:`.batcher`, status codes in :mod:`.errors` (every method is wrapped by
+:mod:`.batcher` (Encode, EncodeStream and Decode all queue a job for its one worker; no model
+runs on a request thread), status codes in :mod:`.errors` (every method is wrapped by
 :func:`~hsae_runtime.serving.errors.handle_errors`). What is left here is request plumbing:
 tokenising text on the request thread (so the worker only runs models), the client's deadline
 and cancellation, and EncodeStream's pipelining.
@@ -18,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import torch
@@ -26,8 +27,8 @@ import torch
 from hsae_runtime.errors import InputError
 from hsae_runtime.sae import SparseCode
 from hsae_runtime.serving import convert
-from hsae_runtime.serving.batcher import Batcher, Job, LMInput
-from hsae_runtime.serving.convert import EncodeInput, EncodeOutput
+from hsae_runtime.serving.batcher import Batcher
+from hsae_runtime.serving.convert import EncodeInput
 from hsae_runtime.serving.errors import (
     DeadlineError,
     NotServedError,
@@ -38,14 +39,14 @@ from hsae_runtime.serving.errors import (
     status_for,
 )
 from hsae_runtime.serving.gate import CallGate
+from hsae_runtime.serving.jobs import DecodeJob, EncodeJob, EncodeOutput, Job, LMInput
 from hsae_runtime.serving.limits import ServingLimits
 from hsae_runtime.serving.stubs import load as load_stubs
 from hsae_runtime.serving.tokenise import BoundedTokeniser
 
 pb, pb_grpc = load_stubs()
 log = logging.getLogger(__name__)
-
-__all__ = ["HSAEServicer", "ServingLimits"]
+R = TypeVar("R")
 
 _END = object()
 _WAKE = object()
@@ -185,7 +186,7 @@ class HSAEServicer(pb_grpc.HSAEServicer):
                 activity.busy = True
                 activity.touch()
                 start = time.perf_counter()
-                job: Job | None = None
+                job: EncodeJob | None = None
                 try:
                     self.gate.check_open()  # items received while draining answer UNAVAILABLE
                     with self.batcher.arriving():
@@ -256,19 +257,20 @@ class HSAEServicer(pb_grpc.HSAEServicer):
     @handle_errors
     @_gated
     def Decode(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        parsed = convert.decode_request_from_pb(
-            request, self.config, self.limits.max_request_tokens
-        )
-        size = len(parsed.budgets) * parsed.values.shape[0] * self.config.d_in * 4
-        self._check_size(size)
-        code = SparseCode(parsed.values, parsed.indices)
-        recons = self.backend.reconstruct_from_code(code, parsed.budgets)  # (n_budgets, N, d_in)
+        with self.batcher.arriving():
+            parsed = convert.decode_request_from_pb(
+                request, self.config, self.limits.max_request_tokens
+            )
+            size = len(parsed.budgets) * parsed.values.shape[0] * self.config.d_in * 4
+            self._check_size(size)
+            job = DecodeJob(SparseCode(parsed.values, parsed.indices), parsed.budgets)
+            _bind_to_call(job, context)
+            future = self.batcher.submit(job)
+        recons = self._wait(job, future, context)  # (n_budgets, N, d_in)
         return convert.decode_response_to_pb(parsed, recons)
 
     # ------------------------------------------------------------------ helpers
-    def _wait(
-        self, job: Job | None, future: Future[EncodeOutput], context: grpc.ServicerContext
-    ) -> EncodeOutput:
+    def _wait(self, job: Job[R] | None, future: Future[R], context: grpc.ServicerContext) -> R:
         """The job's result, within the client's deadline and the server's shutdown grace."""
         try:
             return self.gate.wait(future, _remaining(context))
@@ -283,11 +285,11 @@ class HSAEServicer(pb_grpc.HSAEServicer):
 
     def _prepare(
         self, request: Any, context: grpc.ServicerContext
-    ) -> tuple[EncodeInput, Job, TokenInfo | None]:
+    ) -> tuple[EncodeInput, EncodeJob, TokenInfo | None]:
         parsed = convert.encode_request_from_pb(
             request, self.config, self.limits.max_request_tokens
         )
-        job = Job(budgets=parsed.budgets, reconstructions=parsed.reconstructions, fvu=parsed.fvu)
+        job = EncodeJob(parsed.budgets, parsed.reconstructions, parsed.fvu)
         tokens = None
         if parsed.kind == "activations":
             assert parsed.activations is not None
@@ -297,11 +299,7 @@ class HSAEServicer(pb_grpc.HSAEServicer):
             job.lm_input, tokens = self._tokenise(parsed)
             rows = len(tokens.positions)
         self._check_size(convert.response_bytes_estimate(parsed, rows, self.config.d_in))
-        remaining = _remaining(context)
-        if remaining is not None:
-            job.deadline = time.monotonic() + remaining
-        job.is_active = context.is_active
-        context.add_callback(job.cancel)
+        _bind_to_call(job, context)
         return parsed, job, tokens
 
     def _tokenise(self, parsed: EncodeInput) -> tuple[LMInput, TokenInfo]:
@@ -359,6 +357,15 @@ class HSAEServicer(pb_grpc.HSAEServicer):
                 f"{self.limits.max_message_bytes / 2**20:.0f} MiB message limit; send fewer "
                 "tokens or budgets, or skip reconstructions"
             )
+
+
+def _bind_to_call(job: Job[Any], context: grpc.ServicerContext) -> None:
+    """Give ``job`` the call's deadline, and cancel it when the client goes away."""
+    remaining = _remaining(context)
+    if remaining is not None:
+        job.deadline = time.monotonic() + remaining
+    job.is_active = context.is_active
+    context.add_callback(job.cancel)
 
 
 def _remaining(context: grpc.ServicerContext) -> float | None:

@@ -118,3 +118,19 @@ class BoundedTokeniser:
             f"{message}; max_request_tokens={self.max_tokens}",
             hint="split the text over several requests (or EncodeStream)",
         )
+
+
+def token_strings(tokenizer: Any, ids: list[int]) -> list[str]:
+    """Each of ``ids`` decoded on its own: the strings a response shows next to the tokens.
+
+    A fast tokenizer's Rust backend decodes the whole list in one call that releases the GIL.
+    ``batch_decode`` gives the same strings but converts every id in a Python loop while
+    holding the GIL, which for a request of thousands of tokens stalled the server's other
+    threads (health checks included) for hundreds of milliseconds. It is kept as the fallback
+    for slow tokenizers and for those whose decoding cleans up spaces afterwards.
+    """
+    pieces = [[i] for i in ids]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return list(backend.decode_batch(pieces, skip_special_tokens=False))
+    return list(tokenizer.batch_decode(pieces))
