@@ -10,7 +10,7 @@ PYTEST_ARGS ?= -m "not slow"
 # without its Python pins (numpy<2, protobuf<7), which would move the core's versions back.
 TRITON_SERVER ?= nvidia-pytriton==0.7.0
 
-.PHONY: install proto test test-slow lint demo bench pareto clean
+.PHONY: install proto browser test test-slow lint demo bench pareto clean
 
 # torch==2.13.0 first: it is the local CPU wheel. An unpinned torch would pull a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -31,7 +31,21 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/pyright
 
-test: lint
+# Headless Chromium for the report's browser test (tests/test_features_browser.py): installed
+# with apt only where it is missing and apt is usable (root or passwordless sudo); elsewhere
+# that one test skips and says why.
+browser:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
+			|| echo "chromium could not be installed: the browser test will skip"; \
+	elif command -v apt-get >/dev/null 2>&1 && sudo -n true 2>/dev/null; then \
+		sudo -n apt-get update -qq && sudo -n env DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq chromium \
+			|| echo "chromium could not be installed: the browser test will skip"; \
+	else echo "no chromium and no usable apt: the browser test will skip"; fi
+
+test: lint browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-slow: install
