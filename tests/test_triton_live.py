@@ -14,7 +14,6 @@ import re
 import socket
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -203,8 +202,15 @@ def test_a_burst_of_single_rows_is_batched_and_counted(server, sae):
     assert 1 <= batches < 16, f"16 concurrent requests ran in {batches:.0f} batches"
 
 
-def test_up_refuses_a_missing_repository(tmp_path: Path):
-    from hsae_runtime.errors import ConfigError
-
-    with pytest.raises(ConfigError):
-        TritonServer(tmp_path / "nowhere")
+def test_a_model_that_fails_to_load_is_a_clear_error(sae, tmp_path):
+    export_triton_python_repo(sae, tmp_path / "repo", name="broken")
+    (tmp_path / "repo/broken/1/model.safetensors").write_bytes(b"not a model")
+    log_file = tmp_path / "tritonserver.log"
+    srv = TritonServer(tmp_path / "repo", ports=TritonPorts(*free_ports(3)), log_file=log_file)
+    srv.start()
+    try:
+        with pytest.raises(TritonServerError, match="exited with code"):
+            srv.wait_ready(180)
+    finally:
+        srv.stop()
+    assert "broken" in log_file.read_text()
