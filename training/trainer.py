@@ -22,16 +22,16 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from hsae_runtime import loss as loss_mod
 from hsae_runtime.config import SAEConfig
 from hsae_runtime.errors import ConfigError, DataError
 from hsae_runtime.gguf import portable_lm_name
@@ -44,7 +44,7 @@ from hsae_runtime.training.checkpoint import (
     save_checkpoint,
 )
 from hsae_runtime.training.config import TrainConfig
-from hsae_runtime.training.distributed import rank_world
+from hsae_runtime.training.distributed import init_distributed, rank_world
 from hsae_runtime.training.optim import (
     AuxK,
     PrefixBalance,
@@ -53,6 +53,10 @@ from hsae_runtime.training.optim import (
     project_decoder_grad,
     renorm_decoder,
 )
+from hsae_runtime.training.validation import Validator
+
+if TYPE_CHECKING:
+    from hsae_runtime.training.data_source import TrainingData
 
 logger = logging.getLogger(__name__)
 
@@ -76,232 +80,265 @@ class TrainResult:
     wall_seconds: float = 0.0
 
 
-def init_distributed(device: str) -> bool:
-    """Join the torchrun process group when launched under torchrun; returns whether DDP."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return False
-    if int(os.environ["WORLD_SIZE"]) <= 1 or dist.is_initialized():
-        return dist.is_initialized()
-    use_nccl = device != "cpu" and torch.cuda.is_available()
-    if use_nccl:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if use_nccl else "gloo")
-    return True
-
-
 def train(cfg: TrainConfig) -> TrainResult:
-    """Train an SAE as configured, write it to ``cfg.out`` (rank 0) and return it."""
-    from hsae_runtime.lm import load_lm, resolve_device, resolve_hookpoint
-    from hsae_runtime.training.buffer import (
-        ActivationCache,
-        BlockSource,
-        LMActivationSource,
-        Timer,
-    )
+    """Train an SAE as configured, write it to ``cfg.out`` (rank 0) and return it.
+
+    The steps, in order: join the process group and pick the device (:func:`_environment`),
+    open the activations (:func:`~hsae_runtime.training.data_source.open_training_data`),
+    build the SAE and its optimiser (:func:`_build_model`), continue from a checkpoint
+    (:func:`_resume`), run the passes over the data (:class:`_Loop`), and fold the scale in and
+    write the model (:func:`_finish`).
+    """
+    from hsae_runtime.training.data_source import open_training_data
+
+    env = _environment(cfg)
+    data = open_training_data(cfg, rank=env.rank, world=env.world, device=env.device)
+    model = _build_model(cfg, data.d_in, env.device)
+    state = _resume(cfg, model, env.device)
+    loop = _Loop(cfg, env, data, model, state)
+    loop.run()
+    return _finish(cfg, env, model, loop)
+
+
+@dataclass(frozen=True)
+class _Env:
+    """This process's place in the run."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+
+def _environment(cfg: TrainConfig) -> _Env:
+    """Join torchrun's group (if launched so), check the batch splits over the ranks, make the
+    output folder (rank 0) and resolve the device (each rank's own GPU under DDP)."""
+    from hsae_runtime.lm import resolve_device
 
     init_distributed(cfg.device)
     rank, world = rank_world()
     if cfg.batch_tokens % world:
-        raise ConfigError(f"batch_tokens ({cfg.batch_tokens}) must divide evenly over "
-                          f"{world} ranks")
+        raise ConfigError(
+            f"batch_tokens ({cfg.batch_tokens}) must divide evenly over {world} ranks"
+        )
     if rank == 0:
         Path(cfg.out).expanduser().parent.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", torch.cuda.current_device())
-    timer = Timer()
+    return _Env(rank, world, device)
 
-    from hsae_runtime.training.validation import Validator, split_data, validation_activations
 
-    if cfg.val_data is not None:
-        train_data, val_data = cfg.data, cfg.val_data
-    else:
-        train_data, val_data = split_data(cfg.data, cfg.val_fraction, cfg.seed)
-    cache = None
-    lm = None
-    hp_name = cfg.hookpoint
+@dataclass
+class _Model:
+    """The SAE being trained, its optimiser and its dead-latent tracker."""
 
-    def get_lm() -> Any:
-        nonlocal lm
-        if lm is None:
-            if world > 1 and rank != 0:
-                dist.barrier()  # rank 0 builds any GGUF cache first; the others then read it
-            lm = load_lm(cfg.lm, dtype=cfg.lm_dtype, device=device)
-            if world > 1 and rank == 0:
-                dist.barrier()
-        return lm
+    sae: SAE
+    opt: torch.optim.Optimizer
+    aux: AuxK
+    total_steps: int
+    checkpoint: Path | None
+    """Where checkpoints go (``None``: no checkpoints)."""
 
-    if cfg.activation_cache is not None:
-        stored = _read_manifest(Path(cfg.activation_cache))
-        if stored is not None and _cache_matches(stored["key"], cfg, train_data):
-            cache = ActivationCache(cfg.activation_cache, stored["key"], cfg.cache_dtype)
-    if cache is None or not cache.complete:
-        if not str(train_data).startswith("hf:") and not Path(train_data).expanduser().is_file():
-            raise DataError(f"data file not found: {cfg.data}",
-                            hint="pass a .txt or .jsonl file, or hf:DATASET[:CONFIG][:SPLIT]")
-        loaded = get_lm()
-        hp = resolve_hookpoint(loaded.model, cfg.hookpoint)
-        lm_source = LMActivationSource(
-            loaded, hp, train_data, context=cfg.context, block_contexts=cfg.block_contexts,
-            lm_batch=cfg.lm_batch, include_special=cfg.include_special, timer=timer,
-        )
-        if cfg.activation_cache is not None:
-            cache = ActivationCache(cfg.activation_cache, lm_source.key(), cfg.cache_dtype)
-        source = BlockSource(lm_source, cache)
-        d_in = loaded.d_model
-    else:
-        source = BlockSource(None, cache)
-        d_in = int(next(cache.blocks(0))[1].shape[1])
-        logger.info("training from the activation cache in %s", cfg.activation_cache)
-    val_acts = None
-    if val_data is not None:
-        loaded = get_lm()
-        val_acts = validation_activations(
-            loaded, resolve_hookpoint(loaded.model, cfg.hookpoint), val_data,
-            tokens=cfg.val_tokens, context=cfg.context, lm_batch=cfg.lm_batch,
-            include_special=cfg.include_special, cache_dir=cfg.activation_cache)
 
+def _build_model(cfg: TrainConfig, d_in: int, device: torch.device) -> _Model:
+    """A freshly initialised SAE (seeded by ``cfg.seed``) with Adam and AuxK."""
     sae_config = SAEConfig(
         d_in=d_in, d_sae=cfg.d_sae, k_max=cfg.k_max,
         budgets=(cfg.budgets if cfg.objective == "hierarchical" else (cfg.train_k,)),
-        model_name=portable_lm_name(cfg.lm), hookpoint=hp_name,
-    )
-    gen = torch.Generator().manual_seed(cfg.seed)
+        model_name=portable_lm_name(cfg.lm), hookpoint=cfg.hookpoint,
+    )  # fmt: skip
     sae = SAE(sae_config, device=device)
-    sae.reset_parameters(generator=gen)
+    sae.reset_parameters(generator=torch.Generator().manual_seed(cfg.seed))
     sae.to(device)
     fused = device.type == "cuda"
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.peak_lr, betas=(0.9, 0.999), eps=1e-8,
-                           **({"fused": True} if fused else {"foreach": True}))
-    total_steps = max(1, cfg.tokens // cfg.batch_tokens)
+                           **({"fused": True} if fused else {"foreach": True}))  # fmt: skip
     aux = AuxK(cfg.d_sae, cfg.dead_tokens, cfg.aux_alpha, device=device)
-
-    state = TrainState()
     ckpt = Path(cfg.checkpoint_dir) / CHECKPOINT_NAME if cfg.checkpoint_dir else None
-    if cfg.resume:
-        if ckpt is None:
-            raise ConfigError("resume needs a checkpoint_dir", hint="pass --checkpoint-dir")
-        if ckpt.is_file():
-            state = load_checkpoint(ckpt, cfg, sae, opt, aux, device)
-            logger.info("resumed at step %d (%d tokens)", state.step, state.tokens)
-        else:
-            logger.warning("no checkpoint in %s; starting from scratch", cfg.checkpoint_dir)
+    return _Model(sae, opt, aux, max(1, cfg.tokens // cfg.batch_tokens), ckpt)
 
-    from hsae_runtime import loss as loss_mod
 
-    encode = getattr(sae, "encode_for_training", sae.encode)
-    budgets = list(sae_config.trained_budgets)
-    validator: Validator | None = None
-    main_losses: list[float] = []
-    balance = PrefixBalance(cfg.k_max, budgets, cfg.prefix_balance if cfg.objective
-                            == "hierarchical" else 0.0)
-    local_batch = cfg.batch_tokens // world
-    progress = Progress(cfg, rank, total_steps, state)
-    result = TrainResult(sae=sae, steps=state.step, tokens=state.tokens)
-    t_start = time.perf_counter()
-    sae_s = 0.0
-    done = state.step >= total_steps
-    while not done:
+def _resume(cfg: TrainConfig, model: _Model, device: torch.device) -> TrainState:
+    """The state to start from: the checkpoint's with ``cfg.resume`` (loading the SAE, Adam and
+    AuxK in place), else step 0."""
+    if not cfg.resume:
+        return TrainState()
+    if model.checkpoint is None:
+        raise ConfigError("resume needs a checkpoint_dir", hint="pass --checkpoint-dir")
+    if not model.checkpoint.is_file():
+        logger.warning("no checkpoint in %s; starting from scratch", cfg.checkpoint_dir)
+        return TrainState()
+    state = load_checkpoint(model.checkpoint, cfg, model.sae, model.opt, model.aux, device)
+    logger.info("resumed at step %d (%d tokens)", state.step, state.tokens)
+    return state
+
+
+class _Loop:
+    """Passes over the data until the token budget, ``max_steps`` or early stopping ends the run.
+
+    Each pass walks the source's blocks from where ``state`` says (block, then batch within
+    it), shuffles each block by ``(seed, epoch, block)``, and runs one optimiser step per
+    global batch (:meth:`_step`), this rank taking its slice.
+    """
+
+    def __init__(
+        self, cfg: TrainConfig, env: _Env, data: TrainingData, model: _Model, state: TrainState
+    ) -> None:
+        self.cfg, self.env, self.data, self.model, self.state = cfg, env, data, model, state
+        self.budgets = list(model.sae.config.trained_budgets)
+        weight = cfg.prefix_balance if cfg.objective == "hierarchical" else 0.0
+        self.balance = PrefixBalance(cfg.k_max, self.budgets, weight)
+        self.validator: Validator | None = None
+        self.main_losses: list[float] = []  # the objective without AuxK, for validation
+        self.progress = Progress(cfg, env.rank, model.total_steps, state)
+        self.result = TrainResult(sae=model.sae, steps=state.step, tokens=state.tokens)
+        self.sae_seconds = 0.0
+        self.t_start = time.perf_counter()
+
+    def run(self) -> None:
+        state, cfg = self.state, self.cfg
+        done = state.step >= self.model.total_steps
+        while not done:
+            done = self._one_pass()
+            if not done:
+                state.epoch += 1
+                state.block = 0
+                state.batch = 0
+                state.epoch_started = False
+                if state.step == 0:
+                    raise DataError(
+                        f"{cfg.data} has fewer tokens than one batch ({cfg.batch_tokens})",
+                        hint="use more text or a smaller --batch-tokens",
+                    )
+                logger.info("epoch %d done; starting another pass over the data", state.epoch)
+        self.progress.close()
+
+    def _one_pass(self) -> bool:
+        """The rest of the current pass; True once the run is over."""
+        state, cfg = self.state, self.cfg
         any_block = False
-        for block_index, acts in source.blocks(state.block if state.epoch_started else 0):
+        first = state.block if state.epoch_started else 0
+        for block_index, acts in self.data.source.blocks(first):
             any_block = True
             state.epoch_started = True
             state.block = block_index
-            if state.scale is None:
-                state.scale = _scale_for(acts, d_in)
-                if state.step == 0:
-                    _init_b_dec(sae, acts[: cfg.batch_tokens] * state.scale, cfg.b_dec_init)
-            if validator is None and val_acts is not None:
-                validator = Validator(
-                    (val_acts * state.scale).to(device), cfg.objective, cfg.train_k, budgets,
-                    every=cfg.val_every or max(1, total_steps // 20), patience=cfg.patience)
+            self._first_block_setup(acts)
             n_batches = len(acts) // cfg.batch_tokens
             if n_batches == 0:
                 continue
-            perm = torch.randperm(len(acts), generator=torch.Generator().manual_seed(
-                _mix(cfg.seed, state.epoch, block_index)))
+            seed = _mix(cfg.seed, state.epoch, block_index)
+            perm = torch.randperm(len(acts), generator=torch.Generator().manual_seed(seed))
             for j in range(state.batch, n_batches):
-                idx = perm[j * cfg.batch_tokens: (j + 1) * cfg.batch_tokens]
-                idx = idx[rank * local_batch: (rank + 1) * local_batch]
-                x = (acts[idx] * state.scale).to(device)  # (N, d_in)
-                t0 = time.perf_counter()
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(state.step, total_steps, cfg.peak_lr, cfg.warmup_frac,
-                                        cfg.decay_frac)
-                code = encode(x, cfg.train_k)
-                if cfg.objective == "hierarchical":
-                    main = loss_mod.hierarchical_topk_loss(
-                        x, code.values, code.indices, sae.W_dec, sae.b_dec, budgets,
-                        weights=balance.weights(x, code, sae))
-                else:
-                    main = loss_mod.topk_loss(x, code.values, code.indices, sae.W_dec, sae.b_dec)
-                aux_loss = aux.loss(sae, x, code)
-                total = main + aux_loss if aux_loss is not None else main
-                opt.zero_grad(set_to_none=True)
-                total.backward()
-                if world > 1:
-                    for p in sae.parameters():
-                        assert p.grad is not None
-                        dist.all_reduce(p.grad)
-                        p.grad.div_(world)
-                project_decoder_grad(sae)
-                opt.step()
-                renorm_decoder(sae)
-                aux.update(code.indices, cfg.batch_tokens)
-                loss_value = total.detach()
-                if world > 1:
-                    dist.all_reduce(loss_value)
-                    loss_value /= world
-                sae_s += time.perf_counter() - t0
-                state.step += 1
-                state.tokens += cfg.batch_tokens
-                state.batch = j + 1
-                result.losses.append(float(loss_value))
-                main_losses.append(float(main.detach()))
-                progress.update(state, float(loss_value), sae, x, code, aux, timer.lm_s, sae_s)
-                if ckpt is not None and state.step % cfg.checkpoint_every == 0:
-                    save_checkpoint(ckpt, cfg, sae, opt, aux, state, rank)
-                last = state.step >= total_steps or bool(
-                    cfg.max_steps and state.step >= cfg.max_steps)
-                if validator is not None and validator.due(state.step, last):
-                    recent = main_losses[-validator.every:]  # the objective, without AuxK
-                    validator.check(sae, state.step, sum(recent) / len(recent))
-                    if validator.should_stop:
-                        logger.info("validation loss has not improved for %d evaluations: "
-                                    "stopping at step %d", validator.patience, state.step)
-                        last = True
-                if last:
-                    done = True
-                    break
-            if done:
-                break
+                if self._step(acts, perm[j * cfg.batch_tokens : (j + 1) * cfg.batch_tokens], j):
+                    return True
             state.batch = 0
         if not any_block:
-            raise DataError(f"no usable text in {cfg.data}",
-                            hint=f"need at least {cfg.context} tokens of text")
-        if not done:
-            state.epoch += 1
-            state.block = 0
-            state.batch = 0
-            state.epoch_started = False
+            raise DataError(
+                f"no usable text in {cfg.data}", hint=f"need at least {cfg.context} tokens of text"
+            )
+        return False
+
+    def _first_block_setup(self, acts: Tensor) -> None:
+        """From the first block seen: the activation scale, ``b_dec``'s start, the validator."""
+        state, cfg = self.state, self.cfg
+        if state.scale is None:
+            state.scale = _scale_for(acts, self.data.d_in)
             if state.step == 0:
-                raise DataError(f"{cfg.data} has fewer tokens than one batch ({cfg.batch_tokens})",
-                                hint="use more text or a smaller --batch-tokens")
-            logger.info("epoch %d done; starting another pass over the data", state.epoch)
-    progress.close()
-    if ckpt is not None:
-        save_checkpoint(ckpt, cfg, sae, opt, aux, state, rank)
+                _init_b_dec(self.model.sae, acts[: cfg.batch_tokens] * state.scale, cfg.b_dec_init)
+        if self.validator is None and self.data.val_acts is not None:
+            self.validator = Validator(
+                (self.data.val_acts * state.scale).to(self.env.device), cfg.objective,
+                cfg.train_k, self.budgets,
+                every=cfg.val_every or max(1, self.model.total_steps // 20),
+                patience=cfg.patience,
+            )  # fmt: skip
+
+    def _step(self, acts: Tensor, batch: Tensor, j: int) -> bool:
+        """One optimiser step on the global batch ``acts[batch]`` (this rank's slice of it,
+        batch ``j`` of the block); True once the run is over."""
+        cfg, state, env, m = self.cfg, self.state, self.env, self.model
+        assert state.scale is not None
+        local = cfg.batch_tokens // env.world
+        idx = batch[env.rank * local : (env.rank + 1) * local]
+        x = (acts[idx] * state.scale).to(env.device)  # (N, d_in)
+        t0 = time.perf_counter()
+        for group in m.opt.param_groups:
+            group["lr"] = lr_at(
+                state.step, m.total_steps, cfg.peak_lr, cfg.warmup_frac, cfg.decay_frac
+            )
+        code = m.sae.encode_for_training(x, cfg.train_k)
+        if cfg.objective == "hierarchical":
+            main = loss_mod.hierarchical_topk_loss(
+                x, code.values, code.indices, m.sae.W_dec, m.sae.b_dec, self.budgets,
+                weights=self.balance.weights(x, code, m.sae),
+            )  # fmt: skip
+        else:
+            main = loss_mod.topk_loss(x, code.values, code.indices, m.sae.W_dec, m.sae.b_dec)
+        aux_loss = m.aux.loss(m.sae, x, code)
+        total = main + aux_loss if aux_loss is not None else main
+        m.opt.zero_grad(set_to_none=True)
+        total.backward()
+        if env.world > 1:
+            for p in m.sae.parameters():
+                assert p.grad is not None
+                dist.all_reduce(p.grad)
+                p.grad.div_(env.world)
+        project_decoder_grad(m.sae)
+        m.opt.step()
+        renorm_decoder(m.sae)
+        m.aux.update(code.indices, cfg.batch_tokens)
+        loss_value = total.detach()
+        if env.world > 1:
+            dist.all_reduce(loss_value)
+            loss_value /= env.world
+        self.sae_seconds += time.perf_counter() - t0
+        state.step += 1
+        state.tokens += cfg.batch_tokens
+        state.batch = j + 1
+        self.result.losses.append(float(loss_value))
+        self.main_losses.append(float(main.detach()))
+        self.progress.update(
+            state, float(loss_value), m.sae, x, code, m.aux, self.data.timer.lm_s, self.sae_seconds
+        )
+        if m.checkpoint is not None and state.step % cfg.checkpoint_every == 0:
+            save_checkpoint(m.checkpoint, cfg, m.sae, m.opt, m.aux, state, env.rank)
+        return self._validate_and_check_end()
+
+    def _validate_and_check_end(self) -> bool:
+        """Whether the run ends after this step (budget, ``max_steps`` or early stopping);
+        validates when due."""
+        state, cfg, validator = self.state, self.cfg, self.validator
+        last = state.step >= self.model.total_steps or bool(
+            cfg.max_steps and state.step >= cfg.max_steps
+        )
+        if validator is not None and validator.due(state.step, last):
+            recent = self.main_losses[-validator.every :]
+            validator.check(self.model.sae, state.step, sum(recent) / len(recent))
+            if validator.should_stop:
+                logger.info(
+                    "validation loss has not improved for %d evaluations: stopping at step %d",
+                    validator.patience, state.step,
+                )  # fmt: skip
+                last = True
+        return last
+
+
+def _finish(cfg: TrainConfig, env: _Env, model: _Model, loop: _Loop) -> TrainResult:
+    """Last checkpoint, the best validated weights, the scale folded in, the file written."""
+    state, validator, result = loop.state, loop.validator, loop.result
+    if model.checkpoint is not None:
+        save_checkpoint(model.checkpoint, cfg, model.sae, model.opt, model.aux, state, env.rank)
     if validator is not None:
-        validator.restore_best(sae)
+        validator.restore_best(model.sae)
         result.validation = validator.history
         result.best_step = validator.best_step
-    out = finalize(sae, state.scale or 1.0, cfg, state, validator)
-    if rank == 0:
+    out = finalize(model.sae, state.scale or 1.0, cfg, state, validator)
+    if env.rank == 0:
         out.save(cfg.out)
         logger.info("wrote %s (%d steps, %d tokens)", cfg.out, state.step, state.tokens)
     result.sae, result.steps, result.tokens = out, state.step, state.tokens
-    result.lm_seconds, result.sae_seconds = timer.lm_s, sae_s
-    result.wall_seconds = time.perf_counter() - t_start
+    result.lm_seconds, result.sae_seconds = loop.data.timer.lm_s, loop.sae_seconds
+    result.wall_seconds = time.perf_counter() - loop.t_start
     return result
 
 
@@ -357,26 +394,3 @@ def finalize(sae: SAE, scale: float, cfg: TrainConfig, state: TrainState,
     out.W_dec = torch.nn.Parameter(sae.W_dec.detach().clone().cpu(), requires_grad=False)
     out.b_dec = torch.nn.Parameter((sae.b_dec.detach() / scale).cpu(), requires_grad=False)
     return out
-
-
-def _cache_matches(key: dict[str, Any], cfg: TrainConfig, train_data: str) -> bool:
-    from hsae_runtime.training.buffer import data_identity
-
-    data, stamp = data_identity(train_data)
-    return (key.get("lm") == cfg.lm and key.get("hookpoint") == cfg.hookpoint
-            and key.get("data") == data and key.get("data_stamp") == stamp
-            and key.get("context") == cfg.context
-            and key.get("block_contexts") == cfg.block_contexts
-            and key.get("include_special") == cfg.include_special)
-
-
-def _read_manifest(folder: Path) -> dict[str, Any] | None:
-    import json
-
-    from hsae_runtime.training.buffer import MANIFEST
-
-    path = folder / MANIFEST
-    try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, ValueError):
-        return None
