@@ -135,7 +135,7 @@ class LMActivationSource:
             # per context, in the order this rank holds them: (T_kept, d)
             local = [p for batch in pieces for p in batch]
             if world > 1:
-                local = _gather_contexts(local, len(contexts), rank, world, self.lm.d_model)
+                local = _gather_contexts(local, len(contexts), world, self.lm.d_model)
             yield index, torch.cat(local) if local else torch.empty(0, self.lm.d_model)
 
     def _run(self, ids: Tensor) -> list[Tensor]:
@@ -149,9 +149,7 @@ class LMActivationSource:
         return [a[m] for a, m in zip(acts, keep)]
 
 
-def _gather_contexts(
-    local: list[Tensor], n_contexts: int, rank: int, world: int, d: int
-) -> list[Tensor]:
+def _gather_contexts(local: list[Tensor], n_contexts: int, world: int, d: int) -> list[Tensor]:
     """All-gather per-context activations so every rank holds them in global context order."""
     lengths = torch.tensor([len(t) for t in local], dtype=torch.int64)
     counts = [len(range(r, n_contexts, world)) for r in range(world)]

@@ -58,7 +58,6 @@ def masked_topk_reference(pre: Tensor, k_top: int, k_rows: Tensor | None = None
 @functools.cache
 def triton_available() -> bool:
     try:
-        import triton  # noqa: F401
         import triton.language  # noqa: F401
     except Exception:  # ImportError, or a broken install raising at import
         return False
