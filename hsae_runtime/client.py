@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import numpy as np
@@ -69,6 +69,14 @@ class ServerInfo:
     device: str
 
 
+class LatentLabel(NamedTuple):
+    """One kept latent of a token: its id, value and label (see :meth:`EncodeResult.describe`)."""
+
+    latent: int
+    value: float
+    label: str
+
+
 @dataclass
 class EncodeResult:
     """One encoded input. Arrays are numpy; ``N`` = code rows (tokens), ``k`` = largest budget.
@@ -93,6 +101,8 @@ class EncodeResult:
     fvu: dict[int, np.ndarray] = field(default_factory=dict)
     """budget -> ``[N]`` per-token FVU (when asked)."""
     request_id: str = ""
+    labels: dict[int, str] = field(default_factory=dict)
+    """latent id -> short label, from a features folder (``Client(features=DIR)``)."""
 
     def codes(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """``(values, indices)`` at budget ``k`` (a prefix of the returned code), ``[N, k]``."""
@@ -101,6 +111,14 @@ class EncodeResult:
                 f"budget {k} is not in 1..{self.k} (the code was returned at k={self.k})"
             )
         return self.values[..., :k], self.indices[..., :k]
+
+    def describe(self, k: int) -> list[list[LatentLabel]]:
+        """Per code row (token), the latents kept at budget ``k`` (positive values, in code
+        order) with their labels (empty strings without a features folder)."""
+        values, indices = self.codes(k)
+        rows = zip(values.reshape(-1, k).tolist(), indices.reshape(-1, k).tolist())
+        return [[LatentLabel(i, v, self.labels.get(i, "")) for v, i in zip(vals, ids) if v > 0]
+                for vals, ids in rows]
 
 
 def _array(msg: Any) -> np.ndarray:
@@ -122,8 +140,10 @@ def _tensor(x: Any, what: str) -> Any:
     return pb.Tensor(data=arr.tobytes(), shape=list(arr.shape), dtype=_NP_TO_WIRE[arr.dtype])
 
 
-def result_from_pb(resp: Any, budgets: Sequence[int]) -> EncodeResult:
+def result_from_pb(resp: Any, budgets: Sequence[int],
+                   labels: dict[int, str] | None = None) -> EncodeResult:
     res = EncodeResult(
+        labels=labels or {},
         k=resp.k,
         values=_array(resp.values),
         indices=_array(resp.indices),
@@ -158,7 +178,13 @@ class Client:
         timeout: float | None = DEFAULT_CALL_TIMEOUT_S,
         max_message_bytes: int = ServingLimits.max_message_bytes,
         server_name: str | None = None,
+        features: str | Path | None = None,
     ) -> None:
+        """``features``: a folder written by ``hsae-runtime features`` for the same SAE; results
+        then carry latent labels (:meth:`EncodeResult.describe`)."""
+        from hsae_runtime.features.labels import load_labels
+
+        self.labels = load_labels(features) if features is not None else {}
         options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -236,7 +262,8 @@ class Client:
             output_dtype=output_dtype,
             request_id=request_id,
         )
-        return result_from_pb(self._call(self._stub.Encode, request, timeout), request.budgets)
+        response = self._call(self._stub.Encode, request, timeout)
+        return result_from_pb(response, request.budgets, self.labels)
 
     def stream(
         self,
@@ -269,7 +296,7 @@ class Client:
                         raise err
                     yield err
                     continue
-                yield result_from_pb(resp, sent[i])
+                yield result_from_pb(resp, sent[i], self.labels)
         except grpc.RpcError as err:
             raise ServerError(err.code(), err.details() or "") from err  # type: ignore[attr-defined]
 
@@ -377,7 +404,9 @@ def format_table(result: EncodeResult, top: int = 8) -> str:
         for j in range(shown):
             if idx[i, j] < 0:
                 break
-            parts.append(f"{int(idx[i, j])}:{float(rows[i, j]):.2f}")
+            name = result.labels.get(int(idx[i, j]))
+            entry = f"{int(idx[i, j])}:{float(rows[i, j]):.2f}"
+            parts.append(f"{entry}[{name}]" if name else entry)
             if j + 1 in budgets and j + 1 < shown:
                 parts.append("|")
         lines.append(line + "  " + " ".join(parts))

@@ -125,6 +125,9 @@ def encode(
     tls_cert: Path = typer.Option(None, help="CA / self-signed certificate: connect with TLS."),
     token_file: Path = typer.Option(None, help="File holding the bearer token."),
     timeout: float = typer.Option(DEFAULT_CALL_TIMEOUT_S, help="Deadline in seconds."),
+    features: Path = typer.Option(
+        None, help="Folder written by `hsae-runtime features` for this SAE: label latents."
+    ),
 ) -> None:
     """Encode text on a running server and print tokens, per-budget FVU and top latents."""
     import sys
@@ -135,7 +138,8 @@ def encode(
     if text == "-":
         text = sys.stdin.read()
     tls: bool | Path = tls_cert if tls_cert is not None else False
-    with Client(server, token=_read_token(token_file), tls=tls, timeout=timeout) as client:
+    with Client(server, token=_read_token(token_file), tls=tls, timeout=timeout,
+                features=features) as client:
         try:
             result = client.encode(
                 text=text, budgets=wanted, fvu=True, include_special_tokens=include_special
