@@ -39,12 +39,13 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from hsae_runtime.errors import ConfigError, HSAEError
+from hsae_runtime.exporters.onnx_format import NP_DTYPES, OnnxDType
 
 if TYPE_CHECKING:
     import onnx
@@ -60,8 +61,6 @@ GRAPH_FORMAT_VERSION = 1
 # protobuf cannot serialise a message over 2 GiB; keep a margin for the graph itself
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
-OnnxDType = Literal["float32", "float16"]
-NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 class OnnxValidationError(HSAEError):
@@ -240,17 +239,6 @@ def build_onnx_model(
         },
     )
     return model
-
-
-def graph_metadata(model_or_path: onnx.ModelProto | str | Path) -> dict[str, str]:
-    """The ``metadata_props`` of a graph written by :func:`build_onnx_model` (no weights read)."""
-    import onnx
-
-    if isinstance(model_or_path, (str, Path)):
-        model = onnx.load(str(model_or_path), load_external_data=False)
-    else:
-        model = model_or_path
-    return {p.key: p.value for p in model.metadata_props}
 
 
 # ---------------------------------------------------------------------------------- export

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from hsae_runtime.exporters.onnx import NP_DTYPES, OnnxDType, graph_metadata
+from hsae_runtime.exporters.onnx_format import NP_DTYPES, OnnxDType, graph_metadata
 
 if TYPE_CHECKING:
     from hsae_runtime.sae import SAE

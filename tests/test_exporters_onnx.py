@@ -18,8 +18,8 @@ from hsae_runtime.exporters.onnx import (  # noqa: E402
     OnnxValidationError,
     build_onnx_model,
     export_onnx,
-    graph_metadata,
 )
+from hsae_runtime.exporters.onnx_format import graph_metadata  # noqa: E402
 
 
 def make_sae(d_in: int = 32, d_sae: int = 96, k_max: int = 12, **kw) -> SAE:

@@ -15,7 +15,13 @@ The layers, lowest first (a module may import its own layer and the ones below):
    client end to end).
 
 Every ``import`` / ``from ... import`` anywhere in a module counts (top level, functions,
-``TYPE_CHECKING`` blocks). Generated protobuf code (``serving/pb``) is skipped.
+``TYPE_CHECKING`` blocks). Generated protobuf code (``serving/pb``) is skipped. The same imports
+must form no cycle, within a layer too (:func:`test_no_import_cycle`).
+
+Why a test and not an ``import-linter`` contract: import-linter reads only the imports Python
+runs at import time of the installed package, while the layers here also bind imports inside
+functions (the CLI's lazy imports and the package root's lazy names are exactly where an
+upward import would hide), and this file needs no extra dependency or config to run in CI.
 """
 
 from __future__ import annotations
@@ -119,3 +125,78 @@ def test_the_check_sees_function_level_imports(tmp_path):
     source.write_text("def f():\n    from hsae_runtime.cli import app\n    return app\n")
     assert project_imports(source, "hsae_runtime.sae") == {"hsae_runtime.cli"}
     assert layer_of("hsae_runtime.cli") > layer_of("hsae_runtime.sae")
+
+
+def module_imports(path: Path, module: str, known: set[str]) -> set[str]:
+    """The project modules ``path`` imports anywhere: ``from a.b import c`` counts as ``a.b.c``
+    when that is a module, else as ``a.b``; names are cut back to the nearest known module."""
+    found = set()
+    for target in project_imports(path, module):
+        found.add(target)
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom):
+            for base in project_imports_of(node, path, module):
+                found.update(f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in known)
+    out = set()
+    for name in found:
+        while name and name not in known:
+            name = name.rpartition(".")[0]
+        if name and name != module:
+            out.add(name)
+    return out
+
+
+def project_imports_of(node: ast.ImportFrom, path: Path, module: str) -> set[str]:
+    """The base module of one ``from ... import`` (relative ones resolved), if in the project."""
+    base = node.module or ""
+    if node.level:
+        anchor = module.split(".")
+        anchor = anchor[: len(anchor) - node.level + (1 if path.name == "__init__.py" else 0)]
+        base = ".".join([*anchor, base] if base else anchor)
+    return {base} if base.split(".")[0] == "hsae_runtime" else set()
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of ``graph`` as ``[a, b, ..., a]``, or ``None``."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start)):
+            return cycle
+    return None
+
+
+def test_no_import_cycle():
+    modules = all_modules()
+    known = {module for _, module in modules}
+    graph = {module: module_imports(path, module, known) for path, module in modules}
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_the_cycle_check_sees_a_cycle(tmp_path):
+    a, b = tmp_path / "a.py", tmp_path / "b.py"
+    a.write_text("from hsae_runtime import sae\n")
+    b.write_text("def f():\n    from hsae_runtime.format import read_model\n")
+    known = {"hsae_runtime", "hsae_runtime.sae", "hsae_runtime.format"}
+    graph = {
+        "hsae_runtime.format": module_imports(a, "hsae_runtime.format", known),
+        "hsae_runtime.sae": module_imports(b, "hsae_runtime.sae", known),
+    }
+    assert graph == {"hsae_runtime.format": {"hsae_runtime", "hsae_runtime.sae"},
+                     "hsae_runtime.sae": {"hsae_runtime.format"}}  # fmt: skip
+    assert find_cycle(graph) == ["hsae_runtime.format", "hsae_runtime.sae", "hsae_runtime.format"]
+    assert find_cycle({"x": {"y"}, "y": set()}) is None
