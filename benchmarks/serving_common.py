@@ -67,6 +67,12 @@ class ServerProcess:
             raise RuntimeError("no VmRSS")
         return out
 
+    def threads(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+        raise RuntimeError("no Threads")
+
     def stop(self, timeout: float = 60) -> int:
         """SIGTERM, then the exit code; prints the server's last log lines if it hangs."""
         self.proc.send_signal(signal.SIGTERM)
