@@ -42,7 +42,7 @@ from hsae_runtime.serving.gate import CallGate
 from hsae_runtime.serving.jobs import DecodeJob, EncodeJob, EncodeOutput, Job, LMInput
 from hsae_runtime.serving.limits import ServingLimits
 from hsae_runtime.serving.stubs import load as load_stubs
-from hsae_runtime.serving.tokenise import BoundedTokeniser
+from hsae_runtime.serving.tokenise import BoundedTokeniser, token_strings
 
 pb, pb_grpc = load_stubs()
 log = logging.getLogger(__name__)
@@ -338,7 +338,7 @@ class HSAEServicer(pb_grpc.HSAEServicer):
                 hint="set include_special_tokens to encode them",
             )
         kept = [ids[p] for p in positions]
-        strings = tokenizer.batch_decode([[i] for i in kept])
+        strings = token_strings(tokenizer, kept)
         return LMInput(token_ids, keep), TokenInfo(kept, strings, positions)
 
     def _respond(self, parsed: EncodeInput, out: EncodeOutput, tokens: TokenInfo | None) -> Any:
