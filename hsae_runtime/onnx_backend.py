@@ -13,9 +13,14 @@
     recons = sae.reconstruct_from_code(code, [8, 16, 32])  # code [N, K] -> [n_budgets, N, d_in]
     recons = sae.reconstruct(x, [8, 16, 32])               # one encode -> [n_budgets, ..., d_in]
 
-Semantics, shapes and errors (:class:`~hsae_runtime.errors.InputError`) match ``SAE``: values
+Semantics, shapes and errors (:class:`~hsae_runtime.errors.InputError`, from the same
+:mod:`hsae_runtime.checks` as ``SAE``) match ``SAE``: values
 sorted descending; for a per-row k the outputs are ``[..., max(k)]`` with each row's tail masked
 to value 0 / index -1. Outputs are float32 CPU tensors (float16 for a float16 graph).
+
+The checked methods above validate, then run the unchecked math, ``top_k_rows`` and
+``prefix_decode_rows``, which the server's ``OnnxBackend`` calls directly on requests it has
+already validated.
 
 Two sessions: the *encode* graph (``x``, ``k`` -> ``values``, ``indices``; built by
 :func:`hsae_runtime.exporters.onnx.build_onnx_model`) and a small *decode* graph

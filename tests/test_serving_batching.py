@@ -99,6 +99,7 @@ def test_onnx_backend_serves_the_same_codes(tiny_sae_path, sae):
         with Client(f"127.0.0.1:{running.port}") as c:
             assert c.info().backend == "onnx"
             res = c.encode(activations=x, budgets=[4, 16], reconstructions=True, fvu=True)
+            decoded = c.decode(res.indices, res.values, budgets=[16, 4])  # (2, 5, 64)
     finally:
         running.stop(grace=1)
     code = sae.encode(x, 16)
@@ -109,6 +110,8 @@ def test_onnx_backend_serves_the_same_codes(tiny_sae_path, sae):
     np.testing.assert_allclose(
         res.fvu[4], per_token_fvu(x, want, sae.b_dec).numpy(), rtol=1e-3, atol=1e-5
     )
+    np.testing.assert_allclose(decoded[1], want.numpy(), atol=1e-4)
+    np.testing.assert_allclose(decoded[0], sae.reconstruct(x, [16])[0].numpy(), atol=1e-4)
 
 
 def test_cancelled_request_is_dropped_before_the_model_runs(sae):
