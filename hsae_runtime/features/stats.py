@@ -34,7 +34,7 @@ from torch import Tensor
 
 from hsae_runtime.errors import ConfigError
 from hsae_runtime.features.cache import CodeCache, Shard
-from hsae_runtime.features.topn import GroupTopN
+from hsae_runtime.features.topn import GroupTopN, float_score, score_float
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +168,8 @@ def compute_stats(cache: CodeCache, spec: StatsSpec, *, progress: bool = True) -
     rank_hist = torch.zeros(width, dtype=torch.int64)
     value_sum = torch.zeros(width, dtype=torch.float64)
     rank_max = torch.zeros(width, dtype=torch.float32)
-    tops = [GroupTopN(d_sae, spec.top_n) for _ in spec.budgets]
+    # Top-N per (rank segment, latent); segment s holds ranks in (budgets[s-1], budgets[s]].
+    seg_tops = GroupTopN(nb * d_sae, spec.top_n)
     n_tokens = 0
     for shard, base in _scan(cache, "features: stats 1/3", progress):
         n_tokens += int(shard.counted.sum())
@@ -177,9 +178,10 @@ def compute_stats(cache: CodeCache, spec: StatsSpec, *, progress: bool = True) -
         rank_hist += torch.bincount(flat, minlength=width)
         value_sum += torch.bincount(flat, weights=val.double(), minlength=width)
         rank_max.scatter_reduce_(0, flat, val, reduce="amax")
-        for b, top in zip(spec.budgets, tops):
-            sel = rank < b
-            top.merge(lat[sel], val[sel], pos[sel])
+        seg = torch.searchsorted(budgets, rank + 1)
+        inside = seg < nb
+        seg_tops.merge((seg * d_sae + lat)[inside], float_score(val[inside]), pos[inside])
+    top_values, top_pos = _cumulative_tops(seg_tops, nb, d_sae, spec.top_n)
     rank_max = rank_max.view(d_sae, k)
     max_k = rank_max.max(1).values.double()  # (d_sae,)
 
@@ -198,26 +200,44 @@ def compute_stats(cache: CodeCache, spec: StatsSpec, *, progress: bool = True) -
     q = spec.n_quantiles
     counts = torch.zeros(d_sae * q, dtype=torch.int64)
     samples = GroupTopN(d_sae * q, spec.per_quantile)
-    inner = edges[:, 1:-1].contiguous()
+    inner = edges[:, 1:-1].float()  # (d_sae, q - 1)
     for shard, base in _scan(cache, "features: stats 3/3", progress):
         lat, _, val, pos = _entries(shard, base)
-        qbin = torch.searchsorted(inner[lat], val.double()[:, None]).squeeze(1).clamp_max(q - 1)
+        qbin = (val[:, None] > inner[lat]).sum(1)  # the interval (lo, hi] holding val
         group = lat * q + qbin
         counts += torch.bincount(group, minlength=len(counts))
-        samples.merge(group, _hash(pos, lat).double(), pos)
+        samples.merge(group, _hash(pos, lat), pos)
     return LatentStats(
         budgets=list(spec.budgets),
         n_tokens=n_tokens,
         rank_hist=rank_hist.view(d_sae, k),
         rank_value_sum=value_sum.view(d_sae, k),
         rank_max=rank_max,
-        top_values=torch.stack([t.keys for t in tops]),
-        top_pos=torch.stack([t.payload for t in tops]),
+        top_values=top_values,
+        top_pos=top_pos,
         act_hist=hist[:nb],
         quantile_edges=edges,
         quantile_count=counts.view(d_sae, q),
         sample_pos=samples.payload.view(d_sae, q, spec.per_quantile),
     )
+
+
+def _cumulative_tops(seg_tops: GroupTopN, nb: int, d_sae: int, n: int) -> tuple[Tensor, Tensor]:
+    """Per budget, the top-N of the rank segments up to it: ``values`` (float64, -inf where
+    missing) and ``positions`` ``[n_budgets, d_sae, n]``."""
+    scores = seg_tops.scores.view(nb, d_sae, n)
+    payload = seg_tops.payload.view(nb, d_sae, n)
+    acc = GroupTopN(d_sae, n)
+    out_scores, out_pos = [], []
+    for s in range(nb):
+        part = GroupTopN(d_sae, n)
+        part.scores, part.payload = scores[s].clone(), payload[s].clone()
+        acc = acc.union(part)
+        out_scores.append(acc.scores)
+        out_pos.append(acc.payload)
+    sc = torch.stack(out_scores)
+    values = torch.where(sc >= 0, score_float(sc).double(), float("-inf"))
+    return values, torch.stack(out_pos)
 
 
 def _quantile_edges(hist: Tensor, max_k: Tensor, n: int) -> Tensor:
