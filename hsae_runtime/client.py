@@ -9,6 +9,8 @@
         res = client.encode(text="The cat sat.", budgets=[8, 32], fvu=True)
         values, indices = res.codes(8)        # [N, 8]: the first 8 entries of the k=32 code
         print(res.tokens, res.fvu[8])
+        steer = [Intervention(1883, "set", 40.0)]
+        text = "".join(t.token for t in client.generate("The cat", budget=16, interventions=steer))
 
 The server returns the code once, at the largest requested budget; :meth:`EncodeResult.codes`
 slices the nested prefix for any smaller one. Message-size limits are set explicitly (gRPC's
@@ -29,6 +31,7 @@ import numpy as np
 from hsae_runtime.errors import InputError
 from hsae_runtime.serving.limits import DEFAULT_ADDRESS, DEFAULT_CALL_TIMEOUT_S, ServingLimits
 from hsae_runtime.serving.stubs import load as load_stubs
+from hsae_runtime.steering import Intervention
 
 pb, pb_grpc = load_stubs()
 
@@ -159,6 +162,46 @@ def result_from_pb(resp: Any, budgets: Sequence[int],
         if item.HasField("fvu"):
             res.fvu[item.budget] = _array(item.fvu)
     return res
+
+
+@dataclass
+class GeneratedToken:
+    """One token of :meth:`Client.generate` (``top``: ``(token_id, token, logprob)`` triples)."""
+
+    index: int
+    token_id: int
+    token: str
+    logprob: float
+    top: list[tuple[int, str, float]]
+    unsteered_logprob: float | None
+    top_unsteered: list[tuple[int, str, float]]
+    indices: np.ndarray | None
+    """``[k']`` int32: the steered code at the position that produced the token (if asked)."""
+    values: np.ndarray | None
+    finish_reason: str
+    """Set on the last token: ``length``, ``stop`` or ``eos``."""
+    text: str
+    """Set on the last token: the whole generated text."""
+
+    @classmethod
+    def from_pb(cls, msg: Any) -> GeneratedToken:
+        def tops(items: Any) -> list[tuple[int, str, float]]:
+            return [(t.token_id, t.token, t.logprob) for t in items]
+
+        code = msg.HasField("indices")
+        return cls(
+            index=msg.index,
+            token_id=msg.token_id,
+            token=msg.token,
+            logprob=msg.logprob,
+            top=tops(msg.top),
+            unsteered_logprob=msg.unsteered_logprob if msg.HasField("unsteered_logprob") else None,
+            top_unsteered=tops(msg.top_unsteered),
+            indices=_array(msg.indices) if code else None,
+            values=_array(msg.values) if code else None,
+            finish_reason=msg.finish_reason,
+            text=msg.text,
+        )
 
 
 class Client:
@@ -320,6 +363,55 @@ class Client:
         resp = self._call(self._stub.Decode, request, timeout)
         recons = [_array(item.reconstruction) for item in resp.reconstructions]
         return recons[0] if budgets is None else np.stack(recons)
+
+    def generate(
+        self,
+        text: str | None = None,
+        *,
+        tokens: Sequence[int] | None = None,
+        budget: int,
+        interventions: Sequence[Intervention] = (),
+        reconstruction_only: bool = False,
+        max_new_tokens: int = 0,
+        temperature: float = 0.0,
+        top_p: float = 0.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        top_logprobs: int = 0,
+        compare_unsteered: bool = False,
+        return_code: bool = False,
+        timeout: float | None = None,
+    ) -> Iterator[GeneratedToken]:
+        """Continue ``text`` (or ``tokens``) with the SAE in the loop at ``budget``, steered by
+        ``interventions``; yields each token as the server makes it (closing the iterator
+        early cancels the call). 0 for ``max_new_tokens`` / ``top_p`` means the server's
+        default / no cut."""
+        ops = {"set": pb.STEER_OP_SET, "scale": pb.STEER_OP_SCALE, "ablate": pb.STEER_OP_ABLATE}
+        request = pb.GenerateRequest(
+            budget=budget, reconstruction_only=reconstruction_only, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, stop=list(stop), top_logprobs=top_logprobs,
+            compare_unsteered=compare_unsteered, return_code=return_code,
+        )  # fmt: skip
+        if (text is None) == (tokens is None):
+            raise InputError("give exactly one of text and tokens")
+        if text is not None:
+            request.text = text
+        else:
+            request.tokens.ids.extend(int(t) for t in tokens or ())
+        if seed is not None:
+            request.seed = seed
+        for iv in interventions:
+            item = request.interventions.add(latent=iv.latent, op=ops[iv.op], value=iv.value)
+            if iv.condition is not None:
+                item.condition = iv.condition
+        call = self._stub.Generate(request, timeout=timeout or None, metadata=self._metadata)
+        try:
+            for msg in call:
+                yield GeneratedToken.from_pb(msg)
+        except grpc.RpcError as err:
+            raise ServerError(err.code(), err.details() or "") from err  # type: ignore[attr-defined]
+        finally:
+            call.cancel()  # a no-op once the stream has ended
 
     # ------------------------------------------------------------------ helpers
     @staticmethod

@@ -30,6 +30,12 @@ an LM chunk runs on the KV cache of the chunks before it, so its activations are
 short request therefore waits for at most one chunk. Cancellation and deadlines are checked
 before every chunk; a failing chunk fails only its own job.
 
+Generation (the Generate RPC) takes turns with them: with a
+:class:`~hsae_runtime.serving.generate.GenerationScheduler`, each turn of the worker also runs
+one generation step (the prompts of newly arrived requests, or one token for every request of
+a running generation batch), so encode traffic waits for at most one step, and the worker
+polls instead of blocking while generations are in progress.
+
 If a batch fails, its jobs are retried one by one so one bad job cannot fail its neighbours.
 One worker (not a pool) because the models are shared and a single CPU/GPU stream is the
 bottleneck anyway; parallelism comes from batching. ``stats`` counts batches, LM forwards and
@@ -38,6 +44,7 @@ decodes so tests can see coalescing happen.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -47,7 +54,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -60,6 +67,7 @@ from hsae_runtime.serving.chunks import ChunkedJob
 from hsae_runtime.serving.errors import (
     CancelledError,
     DeadlineError,
+    NotServedError,
     QueueFullError,
     ShuttingDownError,
 )
@@ -73,6 +81,10 @@ from hsae_runtime.serving.jobs import (
     as_tensor,
 )
 from hsae_runtime.serving.limits import BatcherConfig
+
+if TYPE_CHECKING:
+    from hsae_runtime.serving.generate import GenerateJob, GenerationScheduler
+    from hsae_runtime.serving.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +106,7 @@ class BatcherStats:
 
 
 _STOP = object()
+_WAKE = object()  # a generation arrived: the worker stops blocking on the queue
 R = TypeVar("R")
 
 
@@ -110,7 +123,9 @@ class Capture(Protocol):
 class Batcher:
     """Owns the models; turns queued jobs into batched forwards, encodes and decodes.
 
-    ``capture`` runs the LM up to the hookpoint (``None`` on a ``--no-lm`` server).
+    ``capture`` runs the LM up to the hookpoint (``None`` on a ``--no-lm`` server);
+    ``generation`` runs Generate requests (``None``: the server does not generate);
+    ``metrics`` records each batch.
     """
 
     def __init__(
@@ -120,8 +135,14 @@ class Batcher:
         config: BatcherConfig | None = None,
         *,
         pad_id: int = 0,
+        generation: GenerationScheduler | None = None,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         self.backend = backend
+        self.generation = generation
+        self.metrics = metrics
+        self._lm_seconds = 0.0  # LM time of the batch being computed (for metrics)
+        self._lm_tokens = 0
         self.capture = capture
         self.config = config or BatcherConfig()
         self.pad_id = pad_id
@@ -153,6 +174,18 @@ class Batcher:
             self.stats.requests += 1
         return job.future
 
+    def submit_generation(self, job: GenerateJob) -> None:
+        """Queue a Generate request for the worker's next turn (RESOURCE_EXHAUSTED when the
+        server runs as many as it allows)."""
+        if self.generation is None:
+            raise NotServedError("this server does not generate (it runs without an LM)")
+        with self._lock:
+            if self._closed:
+                raise ShuttingDownError("the server is shutting down")
+            self.generation.submit(job)
+        with contextlib.suppress(queue.Full):  # a full queue keeps the worker busy anyway
+            self._queue.put_nowait(_WAKE)
+
     @contextmanager
     def arriving(self) -> Iterator[None]:
         """Wrap a request's parsing and :meth:`submit`: the worker waits for such requests."""
@@ -181,6 +214,8 @@ class Batcher:
             self._closed = True
         self._queue.put(_STOP)
         self._worker.join(timeout)
+        if self.generation is not None:
+            self.generation.close()  # whatever is still generating answers UNAVAILABLE
 
     # ------------------------------------------------------------------ worker side
     def _next(self, timeout: float | None) -> object:
@@ -195,7 +230,7 @@ class Batcher:
     def _run(self) -> None:
         stopping = False
         free_at = 0.0
-        while not stopping or self._carry or self._long:
+        while not stopping or self._carry or self._busy():
             batch, stop_seen = self._gather(free_at, block=not stopping)
             stopping = stopping or stop_seen
             if batch:
@@ -205,7 +240,13 @@ class Batcher:
                 self._target_jobs = len(batch) + self._queue.qsize() + len(self._carry)
             if self._long:
                 self._run_chunk()
+            if self.generation is not None and self.generation.has_work():
+                self.generation.turn()
             free_at = time.monotonic()
+
+    def _busy(self) -> bool:
+        """Work besides the queue: chunks of long jobs or generation steps."""
+        return bool(self._long) or (self.generation is not None and self.generation.has_work())
 
     def _gather(self, free_at: float, *, block: bool) -> tuple[list[Job[Any]], bool]:
         """The next batch of short jobs (maybe none) and whether STOP was seen.
@@ -217,19 +258,21 @@ class Batcher:
         wait_until = 0.0
         while True:
             if not batch:
-                timeout = None if block and not self._long else 0.0
+                timeout = None if block and not self._busy() else 0.0
             elif not self.config.batching or _padded_cost(batch) >= self.config.max_batch_tokens:
                 break
             else:
                 # Once the expected jobs have joined, take only what is already queued.
                 full = len(batch) >= self._target_jobs and self._arriving == 0
-                timeout = 0.0 if full or self._long else wait_until - time.monotonic()
+                timeout = 0.0 if full or self._busy() else wait_until - time.monotonic()
             try:
                 item = self._next(timeout)
             except queue.Empty:
                 break
             if item is _STOP:
                 return batch, True
+            if item is _WAKE:
+                continue
             assert isinstance(item, Job)
             if 0 < self.config.max_chunk_tokens < item.cost:
                 self._long.append(ChunkedJob(item, self.config.max_chunk_tokens))
@@ -290,6 +333,8 @@ class Batcher:
         live = [job for job in batch if self._still_wanted(job)]
         if not live:
             return
+        start, rows_before = time.perf_counter(), self.stats.rows
+        self._lm_seconds, self._lm_tokens = 0.0, 0
         try:
             outputs = self._compute(live)
         except Exception as err:  # noqa: BLE001 - isolate the failing job, see below
@@ -302,6 +347,17 @@ class Batcher:
             return
         for job, out in zip(live, outputs):
             job.future.set_result(out)
+        if self.metrics is not None:
+            seconds = time.perf_counter() - start
+            self.metrics.observe_batch(
+                rows=self.stats.rows - rows_before,
+                requests=len(live),
+                queue_depth=self._queue.qsize(),
+                seconds=seconds,
+                lm_seconds=self._lm_seconds,
+                sae_seconds=max(seconds - self._lm_seconds, 0.0),
+                lm_tokens=self._lm_tokens,
+            )
 
     def _still_wanted(self, job: Job[Any]) -> bool:
         if job.cancelled or not job.is_active():
@@ -373,7 +429,10 @@ class Batcher:
             for i, lm in enumerate(lm_inputs):
                 ids[i, : lengths[i]] = lm.token_ids
                 mask[i, : lengths[i]] = 1
+            lm_start = time.perf_counter()
             hidden = self.capture(ids, mask)  # (B, T, d_in), right padding leaves rows intact
+            self._lm_seconds += time.perf_counter() - lm_start
+            self._lm_tokens += int(mask.sum())
             self.stats.lm_forwards += 1
             for i, lm in enumerate(lm_inputs):
                 acts[id(lm)] = hidden[i, : lengths[i]][lm.keep.to(hidden.device)]

@@ -1,22 +1,24 @@
-"""THE place that maps exceptions to gRPC status codes.
+"""THE place that maps exceptions to gRPC status codes and HTTP statuses.
 
 Every RPC handler is wrapped by :func:`handle_errors`; the auth interceptor and the EncodeStream
-per-item errors go through :func:`status_for` too, so one table decides what a client sees:
+per-item errors go through :func:`status_for` too, and the HTTP API through
+:func:`http_status_for`, so one table decides what a client sees:
 
-============================================  =====================
-exception                                     status
-============================================  =====================
-InputError, ConfigError, HookpointError ...   INVALID_ARGUMENT
+============================================  ===================  ====
+exception                                     gRPC status          HTTP
+============================================  ===================  ====
+InputError, ConfigError, HookpointError ...   INVALID_ARGUMENT     400
   (any :class:`~hsae_runtime.errors.HSAEError`)
-:class:`OversizeError`, :class:`QueueFullError`  RESOURCE_EXHAUSTED
-:class:`StreamLimitError`                     RESOURCE_EXHAUSTED
-:class:`AuthError`                            UNAUTHENTICATED
-:class:`NotServedError`                       FAILED_PRECONDITION
-:class:`DeadlineError`, :class:`StreamIdleError`  DEADLINE_EXCEEDED
-:class:`CancelledError`                       CANCELLED
-:class:`ShuttingDownError`                    UNAVAILABLE
-anything else (a bug)                         INTERNAL, logged with its traceback
-============================================  =====================
+:class:`OversizeError`                        RESOURCE_EXHAUSTED   413
+:class:`QueueFullError`                       RESOURCE_EXHAUSTED   429
+:class:`StreamLimitError`                     RESOURCE_EXHAUSTED   429
+:class:`AuthError`                            UNAUTHENTICATED      401
+:class:`NotServedError`                       FAILED_PRECONDITION  400
+:class:`DeadlineError`, :class:`StreamIdleError`  DEADLINE_EXCEEDED  504
+:class:`CancelledError`                       CANCELLED            499
+:class:`ShuttingDownError`                    UNAVAILABLE          503
+anything else (a bug)                         INTERNAL             500, logged with its traceback
+============================================  ===================  ====
 
 User errors keep their message and hint; INTERNAL hides the exception text from the client (it
 may leak paths or tensors) and says to read the server log instead.
@@ -42,6 +44,7 @@ class ServingError(Exception):
     """Base of the server-side conditions that are not bad input values."""
 
     code = grpc.StatusCode.INTERNAL
+    http_status = 500
 
     def __init__(self, message: str) -> None:
         self.message = message
@@ -52,54 +55,63 @@ class OversizeError(ServingError):
     """A request or response larger than the configured message size."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    http_status = 413
 
 
 class QueueFullError(ServingError):
     """The batching queue is full: the client should back off and retry."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    http_status = 429
 
 
 class StreamLimitError(ServingError):
     """As many EncodeStreams are open as the server allows (``--max-streams``)."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    http_status = 429
 
 
 class AuthError(ServingError):
     """Missing or wrong bearer token."""
 
     code = grpc.StatusCode.UNAUTHENTICATED
+    http_status = 401
 
 
 class NotServedError(ServingError):
     """A request the server is not set up for (e.g. text on a ``--no-lm`` server)."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
+    http_status = 400
 
 
 class DeadlineError(ServingError):
     """The client's deadline passed before the request was served."""
 
     code = grpc.StatusCode.DEADLINE_EXCEEDED
+    http_status = 504
 
 
 class StreamIdleError(ServingError):
     """An EncodeStream sent nothing for longer than ``--stream-idle-timeout-s``."""
 
     code = grpc.StatusCode.DEADLINE_EXCEEDED
+    http_status = 504
 
 
 class CancelledError(ServingError):
     """The client cancelled the request."""
 
     code = grpc.StatusCode.CANCELLED
+    http_status = 499
 
 
 class ShuttingDownError(ServingError):
     """The server is stopping and takes no new work."""
 
     code = grpc.StatusCode.UNAVAILABLE
+    http_status = 503
 
 
 def status_for(err: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -117,17 +129,37 @@ def status_for(err: BaseException) -> tuple[grpc.StatusCode, str]:
             )
 
 
+def http_status_for(err: BaseException) -> tuple[int, str, str]:
+    """The HTTP status, the gRPC status name and the message for ``err`` (same table)."""
+    code, message = status_for(err)
+    match err:
+        case ServingError():
+            return err.http_status, code.name, message
+        case HSAEError():
+            return 400, code.name, message
+        case _:
+            return 500, code.name, message
+
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def handle_errors(method: F) -> F:
-    """Wrap a servicer method: map exceptions to a status, log one debug line per request.
+    """Wrap a servicer method: map exceptions to a status, log one debug line per request, and
+    count it in the servicer's ``metrics`` (a :class:`~hsae_runtime.serving.metrics.ServerMetrics`)
+    when it has them.
 
     Works for unary handlers and for generator (streaming-response) handlers.
     """
     name = method.__name__
 
-    def finish(context: grpc.ServicerContext, start: float, err: BaseException | None) -> None:
+    def finish(
+        owner: Any, context: grpc.ServicerContext, start: float, err: BaseException | None
+    ) -> None:
+        metrics = getattr(owner, "metrics", None)
+        if metrics is not None:
+            status = "OK" if err is None else status_for(err)[0].name
+            metrics.observe_request(name, status, time.perf_counter() - start)
         if err is None:
             if log.isEnabledFor(logging.DEBUG):  # skip peer() and the clock when not logging
                 ms = (time.perf_counter() - start) * 1e3
@@ -147,9 +179,9 @@ def handle_errors(method: F) -> F:
             try:
                 yield from method(self, request, context)
             except Exception as err:  # noqa: BLE001 - mapped to a status right here
-                finish(context, start, err)
+                finish(self, context, start, err)
             else:
-                finish(context, start, None)
+                finish(self, context, start, None)
 
         return stream_wrapper  # type: ignore[return-value]
 
@@ -159,9 +191,9 @@ def handle_errors(method: F) -> F:
         try:
             response = method(self, request, context)
         except Exception as err:  # noqa: BLE001 - mapped to a status right here
-            finish(context, start, err)
+            finish(self, context, start, err)
             raise AssertionError("context.abort returned") from err  # abort always raises
-        finish(context, start, None)
+        finish(self, context, start, None)
         return response
 
     return unary_wrapper  # type: ignore[return-value]

@@ -22,6 +22,8 @@ DEFAULT_GRACE_S = 10.0
 """Seconds in-flight calls get to finish when a server stops."""
 DEFAULT_CALL_TIMEOUT_S = 60.0
 """The client's default deadline per call, in seconds."""
+DEFAULT_MAX_NEW_TOKENS = 20
+"""Tokens a Generate request makes when it leaves ``max_new_tokens`` at 0."""
 
 
 @dataclass(frozen=True)
@@ -40,9 +42,18 @@ class ServingLimits:
     stream_idle_timeout_s: float = 60.0
     """An EncodeStream with nothing in flight that sends nothing for this long is closed with
     DEADLINE_EXCEEDED, freeing its thread."""
+    max_generations: int = 16
+    """Most Generate requests in progress at once (each streams from a handler thread); more
+    get RESOURCE_EXHAUSTED."""
 
     def __post_init__(self) -> None:
-        for name in ("max_request_tokens", "max_message_bytes", "stream_window", "max_streams"):
+        for name in (
+            "max_request_tokens",
+            "max_message_bytes",
+            "stream_window",
+            "max_streams",
+            "max_generations",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.stream_idle_timeout_s > 0:  # also refuses NaN

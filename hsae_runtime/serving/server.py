@@ -14,6 +14,9 @@
   the port stays open; in-flight calls and received stream items get ``grace`` seconds, what is
   left then answers UNAVAILABLE; then the port closes and the batcher stops.
   :func:`serve_forever` calls it on SIGTERM / SIGINT.
+* Optional, in the same process and on the same batcher: the HTTP/JSON API
+  (``http_port``, :mod:`~hsae_runtime.serving.http`), Prometheus metrics (``metrics_port``,
+  :mod:`~hsae_runtime.serving.metrics`) and, with an LM, generation (Generate).
 
 :func:`start` takes a ready backend (tests, benchmarks); :func:`load_and_start` loads the model
 file and the LM the way ``hsae-runtime serve`` does.
@@ -80,6 +83,12 @@ class ServerOptions:
     reserved_workers: int = 2
     """A separate pool of handler threads for health checks and Info only, so they answer
     while every other thread is busy."""
+    http_port: int | None = None
+    """Also serve the HTTP/JSON API on this port of ``host`` (0: a free one; None: no HTTP)."""
+    metrics_port: int | None = None
+    """Serve Prometheus ``/metrics`` on this port of ``host`` (0: a free one; None: none)."""
+    features_dir: Path | None = None
+    """A static folder (latent dashboards) served under ``/features`` on the HTTP port."""
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -88,8 +97,14 @@ class ServerOptions:
             )
         if self.token is not None and not self.token.strip():
             raise ConfigError("the token is empty", hint="put a non-empty token in --token-file")
-        if not 0 <= self.port <= 65535:
-            raise ConfigError(f"port must be in 0..65535, got {self.port}")
+        for name in ("port", "http_port", "metrics_port"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 65535:
+                raise ConfigError(f"{name} must be in 0..65535, got {value}")
+        if self.features_dir is not None and self.http_port is None:
+            raise ConfigError("--features needs --http-port", hint="the folder is served over HTTP")
+        if self.features_dir is not None and not Path(self.features_dir).is_dir():
+            raise ConfigError(f"--features {self.features_dir} is not a folder")
         if self.max_workers < 2 or self.reserved_workers < 1:
             raise ConfigError(
                 f"need max_workers >= 2 and reserved_workers >= 1, got {self.max_workers} and "
@@ -142,8 +157,17 @@ class RunningServer:
         health: Any,
         options: ServerOptions,
         reserved_pool: ThreadPoolExecutor | None = None,
+        *,
+        http: Any | None = None,
+        metrics: Any | None = None,
+        metrics_server: Any | None = None,
     ) -> None:
         self.server = server
+        self.http = http
+        """The HTTP/JSON server (``http.port``), if ``options.http_port`` was given."""
+        self.metrics = metrics
+        """The :class:`~hsae_runtime.serving.metrics.ServerMetrics`, if HTTP or metrics run."""
+        self.metrics_server = metrics_server
         self.port = port
         self.servicer = servicer
         self.batcher = servicer.batcher
@@ -185,6 +209,10 @@ class RunningServer:
             gate.abort()
             gate.wait_idle(_ABORT_WAIT_S)
         self.server.stop(_ABORT_WAIT_S).wait()
+        if self.http is not None:
+            self.http.stop()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
         self.batcher.close(timeout=_ABORT_WAIT_S)
         if self._reserved_pool is not None:
             self._reserved_pool.shutdown(wait=False)
@@ -218,9 +246,29 @@ def start(
         pad = getattr(lm.tokenizer, "pad_token_id", None)
         pad_id = pad if isinstance(pad, int) else 0
         page_in_embeddings(lm.model)
-    batcher = Batcher(backend, capture, options.batching, pad_id=pad_id)
+    metrics = None
+    if options.http_port is not None or options.metrics_port is not None:
+        from hsae_runtime.serving.metrics import ServerMetrics
+
+        metrics = ServerMetrics()
+    generation = None
+    if lm is not None:
+        from hsae_runtime.serving.generate import GenerationScheduler
+
+        generation = GenerationScheduler(
+            lm, backend, hookpoint, max_generations=options.limits.max_generations,
+            metrics=metrics,
+        )
+    batcher = Batcher(
+        backend, capture, options.batching, pad_id=pad_id, generation=generation, metrics=metrics
+    )
     servicer = HSAEServicer(
-        batcher, lm=lm, hookpoint=hookpoint, limits=options.limits, version=version or __version__
+        batcher,
+        lm=lm,
+        hookpoint=hookpoint,
+        limits=options.limits,
+        version=version or __version__,
+        metrics=metrics,
     )
     size = options.limits.max_message_bytes
     reserved_pool = ThreadPoolExecutor(
@@ -264,10 +312,19 @@ def start(
         raise ConfigError(
             f"cannot bind {address}: {err}", hint="is the port already in use?"
         ) from err
+    try:
+        http, metrics_server = _start_side_ports(servicer, options, metrics)
+    except Exception:
+        batcher.close()
+        reserved_pool.shutdown(wait=False)
+        raise
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    running = RunningServer(server, port, servicer, health_servicer, options, reserved_pool)
+    running = RunningServer(
+        server, port, servicer, health_servicer, options, reserved_pool,
+        http=http, metrics=metrics, metrics_server=metrics_server,
+    )
     cfg = backend.config
     log.info(
         "hsae-runtime %s serving on %s%s%s | SAE d_in=%d d_sae=%d k_max=%d budgets=%s (%s, %s) | "
@@ -289,6 +346,30 @@ def start(
         options.batching.max_queue,
     )
     return running
+
+
+def _start_side_ports(
+    servicer: HSAEServicer, options: ServerOptions, metrics: Any | None
+) -> tuple[Any | None, Any | None]:
+    """Start the HTTP/JSON API and the ``/metrics`` endpoint where ``options`` ask for them."""
+    http = metrics_server = None
+    if options.http_port is not None:
+        from hsae_runtime.serving.http import HTTPServer, create_app
+
+        app = create_app(
+            servicer,
+            token=options.token,
+            metrics=metrics,
+            max_body_bytes=options.limits.max_message_bytes,
+            features_dir=options.features_dir,
+        )
+        http = HTTPServer.start(app, options.host, options.http_port)
+        log.info("HTTP/JSON API on http://%s:%d", options.host, http.port)
+    if options.metrics_port is not None:
+        assert metrics is not None
+        metrics_server, _ = metrics.serve(options.metrics_port, options.host)
+        log.info("metrics on http://%s:%d/metrics", options.host, metrics_server.server_port)
+    return http, metrics_server
 
 
 def load_and_start(

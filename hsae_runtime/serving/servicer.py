@@ -16,7 +16,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -39,6 +39,11 @@ from hsae_runtime.serving.errors import (
     status_for,
 )
 from hsae_runtime.serving.gate import CallGate
+from hsae_runtime.serving.generate import (
+    GenerateJob,
+    generation_request_from_pb,
+    stream_responses,
+)
 from hsae_runtime.serving.jobs import DecodeJob, EncodeJob, EncodeOutput, Job, LMInput
 from hsae_runtime.serving.limits import ServingLimits
 from hsae_runtime.serving.stubs import load as load_stubs
@@ -88,7 +93,7 @@ class TokenInfo:
 
 
 class HSAEServicer(pb_grpc.HSAEServicer):
-    """Implements Info, Encode, EncodeStream and Decode on top of a :class:`Batcher`."""
+    """Implements Info, Encode, EncodeStream, Decode and Generate on top of a :class:`Batcher`."""
 
     def __init__(
         self,
@@ -98,8 +103,11 @@ class HSAEServicer(pb_grpc.HSAEServicer):
         hookpoint: str = "",
         limits: ServingLimits | None = None,
         version: str = "",
+        metrics: Any | None = None,
     ) -> None:
         self.batcher = batcher
+        self.metrics = metrics
+        """Counts every call by RPC and status (see ``handle_errors``), if given."""
         self.backend = batcher.backend
         self.config = batcher.backend.config
         self.lm = lm
@@ -269,6 +277,26 @@ class HSAEServicer(pb_grpc.HSAEServicer):
         recons = self._wait(job, future, context)  # (n_budgets, N, d_in)
         return convert.decode_response_to_pb(parsed, recons)
 
+    @handle_errors
+    def Generate(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:  # noqa: N802
+        with self.gate.call():
+            if self.lm is None:
+                raise NotServedError(
+                    "this server runs without a language model (--no-lm): Generate needs one"
+                )
+            from hsae_runtime.generation import check_request
+
+            prompt = request.WhichOneof("prompt")
+            if prompt is None:
+                raise InputError("a generate request needs a prompt", hint="set text or tokens")
+            ids = self._token_ids(request.text if prompt == "text" else None, request.tokens.ids)
+            limit = self.limits.max_request_tokens
+            job = GenerateJob(generation_request_from_pb(request, ids, limit))
+            check_request(job.request, self.backend, self._vocab)  # before the stream starts
+            context.add_callback(job.cancel)
+            self.batcher.submit_generation(job)
+            yield from stream_responses(job, self.lm.tokenizer, request.request_id, self.gate)
+
     # ------------------------------------------------------------------ helpers
     def _wait(self, job: Job[R] | None, future: Future[R], context: grpc.ServicerContext) -> R:
         """The job's result, within the client's deadline and the server's shutdown grace."""
@@ -310,16 +338,7 @@ class HSAEServicer(pb_grpc.HSAEServicer):
         from hsae_runtime.lm import special_token_mask
 
         tokenizer = self.lm.tokenizer
-        if parsed.kind == "text":
-            assert self._text is not None and parsed.text is not None
-            ids = self._text(parsed.text)  # refuses over-long text before tokenising it all
-        else:
-            ids = parsed.token_ids
-            bad = [i for i in ids if not 0 <= i < self._vocab]
-            if bad:
-                raise InputError(
-                    f"token ids {bad[:5]} out of range 0..{self._vocab - 1} for {self.lm.name}"
-                )
+        ids = self._token_ids(parsed.text if parsed.kind == "text" else None, parsed.token_ids)
         if len(ids) > self.limits.max_request_tokens:
             raise InputError(
                 f"too many tokens: {len(ids)} > max_request_tokens="
@@ -340,6 +359,19 @@ class HSAEServicer(pb_grpc.HSAEServicer):
         kept = [ids[p] for p in positions]
         strings = token_strings(tokenizer, kept)
         return LMInput(token_ids, keep), TokenInfo(kept, strings, positions)
+
+    def _token_ids(self, text: str | None, ids: Sequence[int]) -> list[int]:
+        """``text`` tokenised (over-long text refused before it is all tokenised), else ``ids``
+        checked against the vocabulary."""
+        assert self.lm is not None and self._text is not None
+        if text is not None:
+            return self._text(text)
+        bad = [i for i in ids if not 0 <= i < self._vocab]
+        if bad:
+            raise InputError(
+                f"token ids {bad[:5]} out of range 0..{self._vocab - 1} for {self.lm.name}"
+            )
+        return list(ids)
 
     def _respond(self, parsed: EncodeInput, out: EncodeOutput, tokens: TokenInfo | None) -> Any:
         if tokens is not None:
