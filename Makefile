@@ -23,6 +23,11 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed proto
 
+# docs/openapi.json: the HTTP API's OpenAPI document, derived from its pydantic models (a test
+# fails when the committed copy is stale).
+openapi: $(VENV)/.installed
+	$(BIN)/python -m hsae_runtime.serving.http > docs/openapi.json
+
 # Generated gRPC stubs are built here, never committed.
 proto: $(VENV)/.installed
 	@if [ -f protos/hsae/v1/hsae.proto ]; then $(BIN)/python -m hsae_runtime.serving.build_proto; fi

@@ -406,3 +406,23 @@ def test_generate_on_a_no_lm_server_is_refused(sae):
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     finally:
         server.stop(grace=0)
+
+
+def test_cli_generate_prints_the_steered_text(running, stub, tmp_path):
+    from typer.testing import CliRunner
+
+    from hsae_runtime.cli import app
+    from hsae_runtime.errors import InputError
+
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    want = grpc_generate(stub, top_logprobs=0)
+    args = ["generate", "--server", running.address, "--token-file", str(token_file),
+            GEN["text"], "--budget", "4", "--clamp", "5=30", "--max-new-tokens", "6"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(want[-1].text)
+    bad = CliRunner().invoke(app, [*args[:-4], "--ablate", "x"])
+    assert isinstance(bad.exception, InputError)
+    refused = CliRunner().invoke(app, [*args, "--ablate", "999"])
+    assert refused.exit_code == 1 and "INVALID_ARGUMENT" in refused.output

@@ -1,4 +1,5 @@
-"""``hsae-runtime serve MODEL`` (the gRPC server) and ``hsae-runtime encode`` (query one).
+"""``hsae-runtime serve MODEL`` (the gRPC server, optionally HTTP/JSON and metrics too), and
+``hsae-runtime encode`` / ``hsae-runtime generate`` (query one).
 
 grpc, torch and transformers are imported inside the command bodies, after logging is set up,
 so ``hsae-runtime --help`` stays fast.
@@ -73,6 +74,19 @@ def serve(
     grace: float = typer.Option(
         DEFAULT_GRACE_S, help="Seconds in-flight requests get on SIGTERM/SIGINT."
     ),
+    http_port: int = typer.Option(
+        None, help="Also serve the HTTP/JSON API on this port of --host (0 = any free port)."
+    ),
+    metrics_port: int = typer.Option(
+        None, help="Serve Prometheus /metrics on this port of --host (0 = any free port)."
+    ),
+    features: Path = typer.Option(
+        None, "--features", help="Serve this static folder (latent dashboards) at /features "
+        "on the HTTP port.",
+    ),
+    max_generations: int = typer.Option(
+        ServingLimits.max_generations, help="Most Generate requests in progress at once."
+    ),
 ) -> None:
     """Serve an SAE over gRPC on a live LM: sparse codes at the budgets each request asks for."""
     from hsae_runtime.serving.backend import BackendName
@@ -90,6 +104,7 @@ def serve(
             max_message_bytes=max_message_mb * 2**20,
             max_streams=max_streams,
             stream_idle_timeout_s=stream_idle_timeout_s,
+            max_generations=max_generations,
         ),
         batching=BatcherConfig(
             max_batch_tokens=max_batch_tokens,
@@ -101,6 +116,9 @@ def serve(
         tls_cert=tls_cert,
         tls_key=tls_key,
         token=_read_token(token_file),
+        http_port=http_port,
+        metrics_port=metrics_port,
+        features_dir=features,
     )
     running = load_and_start(
         model,
@@ -148,6 +166,54 @@ def encode(
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(1) from err
     typer.echo(format_table(result, top=top))
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="Prompt to continue (use - to read stdin)."),
+    server: str = typer.Option(DEFAULT_ADDRESS, "--server", help="Server address host:port."),
+    budget: int = typer.Option(..., help="Budget k of the spliced code."),
+    clamp: list[str] = typer.Option([], help="LATENT=VALUE: set a latent (repeatable)."),
+    scale: list[str] = typer.Option([], help="LATENT=FACTOR: scale a latent (repeatable)."),
+    ablate: list[str] = typer.Option([], help="LATENT: zero a latent (repeatable)."),
+    max_new_tokens: int = typer.Option(20, help="Most tokens to generate."),
+    temperature: float = typer.Option(0.0, help="0 = greedy."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass."),
+    seed: int = typer.Option(None, help="Sampling seed (repeatable output)."),
+    stop: list[str] = typer.Option([], help="Stop once the text contains this (repeatable)."),
+    reconstruction_only: bool = typer.Option(
+        False, help="Splice the reconstruction alone (drop the SAE's error term)."
+    ),
+    tls_cert: Path = typer.Option(None, help="CA / self-signed certificate: connect with TLS."),
+    token_file: Path = typer.Option(None, help="File holding the bearer token."),
+    timeout: float = typer.Option(DEFAULT_CALL_TIMEOUT_S, help="Deadline in seconds."),
+) -> None:
+    """Generate on a running server with the SAE in the loop, steered by clamp / scale /
+    ablate; prints the text as it comes."""
+    import sys
+
+    from hsae_runtime.client import Client, ServerError
+    from hsae_runtime.steering import parse_intervention
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    interventions = [parse_intervention(t, "set") for t in clamp]
+    interventions += [parse_intervention(t, "scale") for t in scale]
+    interventions += [parse_intervention(t, "ablate") for t in ablate]
+    tls: bool | Path = tls_cert if tls_cert is not None else False
+    with Client(server, token=_read_token(token_file), tls=tls, timeout=timeout) as client:
+        try:
+            for token in client.generate(
+                prompt, budget=budget, interventions=interventions,
+                reconstruction_only=reconstruction_only, max_new_tokens=max_new_tokens,
+                temperature=temperature, top_p=top_p, seed=seed, stop=stop, timeout=timeout,
+            ):  # fmt: skip
+                typer.echo(token.token, nl=False)
+                if token.finish_reason:
+                    typer.echo(f"\n[{token.finish_reason}]", err=True)
+        except ServerError as err:
+            typer.echo(f"\nerror: {err}", err=True)
+            raise typer.Exit(1) from err
 
 
 def _tune_malloc(mmap_threshold: int = 1 << 20, top_pad: int = 64 << 20) -> None:

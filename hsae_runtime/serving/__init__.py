@@ -4,7 +4,7 @@ Modules, in the order a request meets them:
 
 * ``stubs`` / ``build_proto`` - the generated ``hsae_pb2`` modules (``make proto``) and the
   check that they match the proto;
-* ``errors`` - the one table from exceptions to gRPC status codes;
+* ``errors`` - the one table from exceptions to gRPC status codes and HTTP statuses;
 * ``convert`` - protobuf <-> tensors (``*_from_pb`` validate, ``*_to_pb`` build);
 * ``limits`` - every serve default: ``ServingLimits``, ``BatcherConfig``, address, grace;
 * ``gate`` - admission of work calls: the stream cap and the drain on shutdown;
@@ -16,6 +16,9 @@ Modules, in the order a request meets them:
 * ``backend`` - the SAE engine protocol and its torch and ONNX Runtime implementations;
 * ``security`` - TLS credentials and the bearer-token interceptor;
 * ``server`` - options, health, reflection, graceful shutdown.
+* ``generate`` - Generate: request parsing and the generation turns the batch worker takes;
+* ``http`` / ``http_models`` - the HTTP/JSON API over the same servicer (``--http-port``);
+* ``metrics`` - Prometheus metrics (``--metrics-port``).
 
 Nothing heavy is imported here: ``import hsae_runtime.serving.server`` pulls in grpc and torch.
 """
