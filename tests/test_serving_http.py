@@ -361,6 +361,7 @@ def test_metrics_scraped_after_requests(running, http, stub):
     assert got[("hsae_generated_tokens_total", ())] >= 6
     assert got[("hsae_batch_rows_count", ())] >= 2 and got[("hsae_rows_total", ())] >= 2
     assert got[("hsae_lm_tokens_total", ())] > 0
+    assert got[("hsae_generation_streams", ())] == 0  # every generation has ended
 
 
 # ----------------------------------------------------------------------------- docs, features

@@ -189,6 +189,7 @@ class GenerationScheduler:
                 )
             self._waiting.append(job)
             self._live += 1
+        self._report()
 
     def has_work(self) -> bool:
         return bool(self._waiting or self._running)
@@ -274,6 +275,11 @@ class GenerationScheduler:
     def _release(self, n: int) -> None:
         with self._lock:
             self._live = max(self._live - n, 0)
+        self._report()
+
+    def _report(self) -> None:
+        if self.metrics is not None:
+            self.metrics.generation_streams.set(self._live)
 
 
 def stream_responses(job: GenerateJob, tokenizer: Any, request_id: str, gate: Any) -> Iterator[Any]:

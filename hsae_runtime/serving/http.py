@@ -213,8 +213,11 @@ def create_app(
         response_model_exclude_none=True,
     )
     def info() -> Any:
-        call = _undecorated(servicer, "Info")
-        return run("GET /v1/info", lambda: m.info_from_pb(call(m.pb.InfoRequest(), CallContext())))
+        def work() -> Any:
+            answer = _undecorated(servicer, "Info")(m.pb.InfoRequest(), CallContext())
+            return m.info_from_pb(answer)
+
+        return run("GET /v1/info", work)
 
     @app.post(
         "/v1/encode",
