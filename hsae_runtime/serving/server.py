@@ -47,7 +47,7 @@ from hsae_runtime.serving.limits import (
     BatcherConfig,
     ServingLimits,
 )
-from hsae_runtime.serving.memory import cap_malloc_arenas
+from hsae_runtime.serving.process import tune_process
 from hsae_runtime.serving.security import HEALTH_PREFIX, TokenInterceptor, tls_credentials
 from hsae_runtime.serving.servicer import HSAEServicer
 from hsae_runtime.serving.stubs import load as load_stubs
@@ -240,7 +240,7 @@ def start(
 
     options = options or ServerOptions()
     creds = tls_credentials(options.tls_cert, options.tls_key)  # a bad PEM fails before any work
-    cap_malloc_arenas()  # before the thread pools: see serving/memory.py
+    tune_process()  # before the thread pools: see serving/process.py
     pad_id = 0
     if lm is not None:
         pad = getattr(lm.tokenizer, "pad_token_id", None)

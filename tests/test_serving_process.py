@@ -1,4 +1,4 @@
-"""Process-level memory and GIL behaviour of the server: the malloc arena cap, token strings."""
+"""Process-wide settings of the server (malloc arena cap, GIL switch interval); token strings."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from hsae_runtime.serving.memory import cap_malloc_arenas
+from hsae_runtime.serving.process import cap_malloc_arenas
 from hsae_runtime.serving.tokenise import token_strings
 
 # Counts the heaps malloc_info lists after eight threads have each allocated, with and without
@@ -17,7 +17,7 @@ from hsae_runtime.serving.tokenise import token_strings
 _COUNT_HEAPS = textwrap.dedent(
     """
     import ctypes, os, sys, tempfile, threading
-    from hsae_runtime.serving.memory import cap_malloc_arenas
+    from hsae_runtime.serving.process import cap_malloc_arenas
     if sys.argv[1] == "cap":
         assert cap_malloc_arenas(1)
     barrier = threading.Barrier(8)
@@ -78,3 +78,14 @@ class _SlowTokenizer:
 
 def test_token_strings_fall_back_without_a_fast_backend():
     assert token_strings(_SlowTokenizer(), [3, 1]) == ["<3>", "<1>"]
+
+
+def test_tune_process_shortens_the_gil_switch_interval():
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys\nfrom hsae_runtime.serving.process import "
+         "tune_process, SERVER_SWITCH_INTERVAL_S as s\ntune_process()\n"
+         "print(sys.getswitchinterval() == s, s < 0.005)"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "True"]
