@@ -89,3 +89,11 @@ def test_tune_process_shortens_the_gil_switch_interval():
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "True"]
+
+
+def test_tune_process_freezes_start_up_objects():
+    code = "import gc\nfrom hsae_runtime.serving.process import tune_process\ntune_process()\n"
+    code += "print(gc.get_freeze_count() > 1000)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True"

@@ -1,4 +1,4 @@
-"""Process-wide settings of the server: malloc arenas and the GIL switch interval.
+"""Process-wide settings of the server: malloc arenas, the garbage collector, the GIL interval.
 
 **Arenas.** glibc gives each thread that allocates concurrently an arena of its own (up to 8
 per core), and an arena keeps its high-water mark after the memory is freed. A gRPC server has
@@ -7,18 +7,24 @@ before (a 10 MiB message is parsed into bytes, a protobuf and a ``str``) left te
 RSS behind in a fresh arena. Handlers run Python code under the GIL, so their allocations are
 serialised anyway; capping the arenas costs no throughput and bounds that growth.
 
+**Garbage collector.** After start-up the process holds millions of Python objects (the LM's
+modules, the tokenizer, gRPC), and each full collection walked all of them with the GIL held:
+a request that allocates many objects (a list of 8192 token ids) now and then set one off, and
+every other thread, health checks included, stalled for 200-400 ms. Start-up objects are
+frozen (``gc.freeze``), so collections only walk what requests create.
+
 **Switch interval.** A thread that wants the GIL waits up to ``sys.getswitchinterval()``
-(5 ms by default) before asking the holder to let go, and answering one RPC takes the GIL many
-times (gRPC's polling thread, the handler, the response). While the batch worker ran the LM,
-each of those hand-overs could cost a full interval, so health checks beside a long request
-occasionally took 200-400 ms. At 0.5 ms they stay near their idle latency; the worker spends its
-time in torch ops that release the GIL, so the shorter interval costs it nothing measurable.
+(5 ms by default) before asking the holder to let go, and one RPC takes the GIL several times
+(gRPC's polling thread, the handler, the response); the server uses 0.5 ms so that hand-overs
+beside the batch worker stay short. The worker spends its time in torch ops that release the
+GIL, so the shorter interval does not slow it.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import logging
 import platform
 import sys
@@ -36,9 +42,12 @@ SERVER_SWITCH_INTERVAL_S = 0.0005
 
 
 def tune_process() -> None:
-    """Apply the server's process-wide settings; call before starting thread pools."""
+    """Apply the server's process-wide settings; call once the models are loaded and before
+    the thread pools start."""
     cap_malloc_arenas()
     sys.setswitchinterval(SERVER_SWITCH_INTERVAL_S)
+    gc.collect()
+    gc.freeze()
 
 
 def cap_malloc_arenas(arenas: int = SERVER_ARENAS) -> bool:
