@@ -97,3 +97,11 @@ def test_tune_process_freezes_start_up_objects():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "True"
+
+
+def test_tune_malloc_reports_whether_it_applied():
+    from hsae_runtime.serving.process import tune_malloc
+
+    assert tune_malloc() is (platform.libc_ver()[0] == "glibc")
+    with pytest.raises(ValueError, match="arenas"):
+        tune_malloc(arenas=0)

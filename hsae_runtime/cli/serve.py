@@ -95,7 +95,6 @@ def serve(
     if backend not in ("torch", "onnx"):
         raise ConfigError(f"unknown backend {backend!r}", hint="choose torch or onnx")
     backend_name: BackendName = "torch" if backend == "torch" else "onnx"
-    _tune_malloc()
     options = ServerOptions(
         host=host,
         port=port,
@@ -214,36 +213,6 @@ def generate(
         except ServerError as err:
             typer.echo(f"\nerror: {err}", err=True)
             raise typer.Exit(1) from err
-
-
-def _tune_malloc(mmap_threshold: int = 1 << 20, top_pad: int = 64 << 20) -> None:
-    """Set glibc's allocator up for a long-running server with large per-batch buffers.
-
-    * ``M_MMAP_THRESHOLD`` (1 MiB): glibc raises its mmap threshold each time a large mmapped
-      block is freed, so after a few batches the multi-MB buffers come from the heap, which
-      fragments and lets RSS creep up under mixed load. An explicit threshold turns that off.
-    * ``M_TOP_PAD`` (64 MiB): with the threshold alone, every buffer over 1 MiB would be
-      mmapped, first-touched and unmapped again per batch, so each batch pays thousands of page
-      faults. Each arena keeps up to 64 MiB of free space at its top, large buffers are carved
-      from it, and a steady batch size faults nothing (numbers in ``docs/benchmarks-core.md``).
-      The cost is at most that pad per busy arena.
-    """
-    import ctypes
-    import ctypes.util
-    import logging
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return
-    m_top_pad, m_mmap_threshold = -2, -3  # from glibc's malloc.h
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = libc.mallopt(m_mmap_threshold, mmap_threshold), libc.mallopt(m_top_pad, top_pad)
-    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
-        return
-    logging.getLogger(__name__).debug(
-        "mallopt(M_MMAP_THRESHOLD, %d), mallopt(M_TOP_PAD, %d) -> %s", mmap_threshold, top_pad, ok
-    )
 
 
 def _read_token(path: Path | None) -> str | None:

@@ -31,11 +31,17 @@ import sys
 
 log = logging.getLogger(__name__)
 
-M_ARENA_MAX = -8
-"""glibc's ``mallopt`` parameter number for the arena cap (``malloc.h``)."""
+M_TOP_PAD, M_MMAP_THRESHOLD, M_ARENA_MAX = -2, -3, -8
+"""glibc's ``mallopt`` parameter numbers (``malloc.h``)."""
 
 SERVER_ARENAS = 2
 """Arenas the server's threads share (the main thread's is one of them)."""
+
+SERVER_MMAP_THRESHOLD = 1 << 20
+"""Allocations from this size (bytes) are mmapped, and the threshold stays put."""
+
+SERVER_TOP_PAD = 64 << 20
+"""Free space (bytes) an arena keeps at its top for the next large buffers."""
 
 SERVER_SWITCH_INTERVAL_S = 0.0005
 """The server's GIL switch interval (seconds)."""
@@ -44,27 +50,51 @@ SERVER_SWITCH_INTERVAL_S = 0.0005
 def tune_process() -> None:
     """Apply the server's process-wide settings; call once the models are loaded and before
     the thread pools start."""
-    cap_malloc_arenas()
+    tune_malloc()
     sys.setswitchinterval(SERVER_SWITCH_INTERVAL_S)
     gc.collect()
     gc.freeze()
 
 
-def cap_malloc_arenas(arenas: int = SERVER_ARENAS) -> bool:
-    """Limit the malloc arenas of this process to ``arenas``; ``False`` where it cannot.
+def tune_malloc(
+    mmap_threshold: int = SERVER_MMAP_THRESHOLD,
+    top_pad: int = SERVER_TOP_PAD,
+    arenas: int = SERVER_ARENAS,
+) -> bool:
+    """Set glibc's allocator up for a long-running server with large per-batch buffers;
+    ``False`` where it cannot (not glibc).
 
-    Takes effect for threads that have not allocated yet, so call it before starting thread
-    pools. Only glibc has the setting; elsewhere nothing changes.
+    * ``M_MMAP_THRESHOLD``: glibc raises its mmap threshold each time a large mmapped block is
+      freed, so after a few batches the multi-MB buffers come from the heap, which fragments
+      and lets RSS creep up under mixed load. An explicit threshold turns that off.
+    * ``M_TOP_PAD``: with the threshold alone, every buffer over it would be mmapped,
+      first-touched and unmapped again per batch, so each batch pays thousands of page faults.
+      Each arena keeps up to this much free space at its top, large buffers are carved from it,
+      and a steady batch size faults nothing (numbers in ``docs/benchmarks-core.md``). The cost
+      is at most that pad per arena, hence the arena cap.
+    * ``M_ARENA_MAX``: see the module docstring.
     """
+    done = cap_malloc_arenas(arenas)
+    done &= _mallopt(M_MMAP_THRESHOLD, mmap_threshold) & _mallopt(M_TOP_PAD, top_pad)
+    if not done:
+        log.warning("could not tune malloc; RSS may keep the high-water of large requests")
+    return done
+
+
+def cap_malloc_arenas(arenas: int = SERVER_ARENAS) -> bool:
+    """Cap the malloc arenas of this process at ``arenas``; takes effect for threads that have
+    not allocated yet (``False`` where this is not glibc)."""
     if arenas < 1:
         raise ValueError(f"arenas must be >= 1, got {arenas}")
+    return _mallopt(M_ARENA_MAX, arenas)
+
+
+def _mallopt(param: int, value: int) -> bool:
+    """``mallopt(param, value)``; ``False`` where this is not glibc."""
     if platform.libc_ver()[0] != "glibc":
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        done = bool(libc.mallopt(M_ARENA_MAX, arenas))
+        return bool(libc.mallopt(param, value))
     except (OSError, AttributeError):
-        done = False
-    if not done:
-        log.warning("could not cap malloc arenas; RSS may keep the high-water of large requests")
-    return done
+        return False
