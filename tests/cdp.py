@@ -54,9 +54,15 @@ class Browser:
             await asyncio.sleep(0.1)
         port = int(port_file.read_text().split()[0])
         self._http = aiohttp.ClientSession()
-        async with self._http.get(f"http://127.0.0.1:{port}/json/list") as resp:
-            targets = await resp.json(content_type=None)
-        page = next(t for t in targets if t.get("type") == "page")
+        page = None
+        while page is None:  # the page target can register after the port file is written
+            async with self._http.get(f"http://127.0.0.1:{port}/json/list") as resp:
+                targets = await resp.json(content_type=None)
+            page = next((t for t in targets if t.get("type") == "page"), None)
+            if page is None:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("chromium opened no page")
+                await asyncio.sleep(0.1)
         self._ws = await self._http.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0)
         self._reader = asyncio.create_task(self._read())
         for domain in ("Runtime", "Log", "Page"):
