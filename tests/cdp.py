@@ -36,6 +36,13 @@ class Browser:
         self._pending: dict[int, asyncio.Future] = {}
 
     async def __aenter__(self) -> Browser:
+        try:
+            return await self._start()
+        except BaseException:
+            await self.__aexit__()
+            raise
+
+    async def _start(self) -> Browser:
         import aiohttp
 
         self._profile = tempfile.TemporaryDirectory(prefix="hsae-chromium-")
@@ -70,9 +77,14 @@ class Browser:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self._reader.cancel()
-        await self._ws.close()
-        await self._http.close()
+        if hasattr(self, "_reader"):
+            self._reader.cancel()
+        if hasattr(self, "_ws"):
+            await self._ws.close()
+        if hasattr(self, "_http"):
+            await self._http.close()
+        if not hasattr(self, "_proc"):
+            return
         self._proc.terminate()
         try:
             self._proc.wait(timeout=10)
