@@ -4,7 +4,8 @@ and batching several requests.
 Prints three tables (numbers go to docs/serving.md with the machine line):
 
 1. tokens/s of greedy generation: the plain LM (same KV-cache loop, no hook) vs the SAE spliced
-   at the hookpoint at a budget (error term kept), with and without a clamp intervention;
+   at the hookpoint at a budget (error term kept), with and without a clamp intervention; the
+   runs alternate and the ratio is the median of per-repeat ratios (robust to a busy machine);
 2. the KV cache: one new token's step time after a short and a long prompt, vs re-running the
    whole sequence (what a step would cost without the cache);
 3. aggregate tokens/s of ``--streams`` requests generating in one batch vs one request.
@@ -15,7 +16,9 @@ Run: ``python benchmarks/bench_generate.py [--sae runs/P_A/models/htopk64.safete
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -71,9 +74,9 @@ def main() -> None:
     parser.add_argument("--text", type=Path, default=DEFAULT_TEXT)
     parser.add_argument("--budget", type=int, default=16)
     parser.add_argument("--prompt-tokens", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--streams", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -86,25 +89,31 @@ def main() -> None:
     n = args.new_tokens
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
           f"torch threads, torch {torch.__version__}; LM {lm.name}, SAE {args.sae.name} "
-          f"(d_sae {sae.config.d_sae}) at {hookpoint}, budget {args.budget}")
+          f"(d_sae {sae.config.d_sae}) at {hookpoint}, budget {args.budget}; load average "
+          f"{os.getloadavg()[0]:.1f} at the start")
 
     def request(interventions=(), **kw) -> GenerationRequest:
         return GenerationRequest(prompt, SteerSpec(args.budget, tuple(interventions)),
                                  max_new_tokens=n, **kw)
 
-    # 1. SAE in the loop vs plain LM (one request, greedy, steps after the prefill).
+    # 1. SAE in the loop vs plain LM (one request, greedy, steps after the prefill). The runs
+    # alternate and each repeat gives a ratio, so load from other processes hits all alike.
     steps = n - 1
-    plain = best(lambda: plain_generate(lm, [prompt], n), args.repeats)
-    spliced = best(lambda: steered_generate(lm, sae, hookpoint, [request()])[0], args.repeats)
     clamp = [Intervention(int(sae.config.d_sae // 2), "set", 40.0)]
-    steered = best(lambda: steered_generate(lm, sae, hookpoint, [request(clamp)])[0],
-                   args.repeats)
-    print("\n| generation (1 request, greedy) | tokens/s | / plain LM |")
+    runs: dict[str, list[float]] = {"plain": [], "spliced": [], "steered": []}
+    for _ in range(args.repeats):
+        runs["plain"].append(plain_generate(lm, [prompt], n))
+        runs["spliced"].append(steered_generate(lm, sae, hookpoint, [request()])[0])
+        runs["steered"].append(steered_generate(lm, sae, hookpoint, [request(clamp)])[0])
+    print(f"\n| generation (1 request, greedy, {steps} steps) | median tokens/s | "
+          "median ratio to plain LM (paired) |")
     print("|---|---|---|")
-    for name, sec in (("plain LM (KV cache, no hook)", plain),
-                      (f"SAE in the loop, k={args.budget}, error kept", spliced),
-                      ("same + one clamp", steered)):
-        print(f"| {name} | {steps / sec:.1f} | {plain / sec:.2f} |")
+    for name, key in (("plain LM (KV cache, no hook)", "plain"),
+                      (f"SAE in the loop, k={args.budget}, error kept", "spliced"),
+                      ("same + one clamp", "steered")):
+        ratios = [p / t for p, t in zip(runs["plain"], runs[key], strict=True)]
+        print(f"| {name} | {steps / statistics.median(runs[key]):.1f} | "
+              f"{statistics.median(ratios):.2f} |")
 
     # 2. KV cache: a step after a short vs a long prompt, vs re-running the whole sequence.
     print("\n| prompt tokens | cached step (ms) | whole-sequence forward (ms) |")
@@ -131,16 +140,18 @@ def main() -> None:
         print(f"| {length} | {best(cached_step, args.repeats) * 1e3:.1f} | "
               f"{best(full_forward, args.repeats) * 1e3:.1f} |")
 
-    # 3. Several requests in one batch vs one.
-    one = spliced
-    many = best(lambda: steered_generate(lm, sae, hookpoint,
-                                         [request(seed=i) for i in range(args.streams)])[0],
-                args.repeats)
-    print("\n| requests in one batch | aggregate tokens/s | gain |")
+    # 3. Several requests in one batch vs one (alternating, paired like 1.).
+    one, many = [], []
+    for _ in range(args.repeats):
+        one.append(steered_generate(lm, sae, hookpoint, [request()])[0])
+        reqs = [request(seed=i) for i in range(args.streams)]
+        many.append(steered_generate(lm, sae, hookpoint, reqs)[0])
+    gains = [args.streams * o / m for o, m in zip(one, many, strict=True)]
+    print("\n| requests in one batch | median aggregate tokens/s | median gain (paired) |")
     print("|---|---|---|")
-    print(f"| 1 | {steps / one:.1f} | 1.00 |")
-    print(f"| {args.streams} | {args.streams * steps / many:.1f} | "
-          f"{args.streams * one / many:.2f} |")
+    print(f"| 1 | {steps / statistics.median(one):.1f} | 1.00 |")
+    print(f"| {args.streams} | {args.streams * steps / statistics.median(many):.1f} | "
+          f"{statistics.median(gains):.2f} |")
 
 
 if __name__ == "__main__":
