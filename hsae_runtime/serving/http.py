@@ -370,7 +370,11 @@ class HTTPServer:
         from hsae_runtime.errors import ConfigError
 
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets that name it, and
+        # with Nagle on, a response body written after its headers waits for the client's
+        # delayed ACK (tens of ms per request). Accepted sockets inherit the option.
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             sock.bind((host, port))
         except OSError as err:
