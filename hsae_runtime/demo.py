@@ -10,7 +10,10 @@ from ``../shared/data/wikitext2-valid.txt`` next to the repository (or ``--text 
    ``hsae-runtime serve`` does (LM + hookpoint from the SAE file).
 3. Query it with :class:`hsae_runtime.client.Client` at budgets 8, 16, 32 and 64 - one request,
    one encoder pass - and print the per-token table and the mean FVU per budget.
-4. Stop the server.
+4. Steer: generate from a short prompt with the SAE in the loop at budget 16, once as is and
+   once with the latent that fires most on a word of the sample clamped high (``Generate``), and
+   print both continuations.
+5. Stop the server.
 
 Run: ``make demo`` or ``python -m hsae_runtime.demo [--text FILE] [--tokens N]``.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -30,6 +34,9 @@ DEFAULT_TEXT = REPO.parent / "shared" / "data" / "wikitext2-valid.txt"
 DEFAULT_CACHE = REPO / ".cache" / "demo"
 HOOKPOINT = "model.layers.6"
 BUDGETS = (8, 16, 32, 64)
+STEER_PROMPT = "My favourite thing to do on a weekend is"
+STEER_BUDGET = 16
+STEER_TOKENS = 24
 SAE_NAME = "gemma3-270m-layer6-hsae.safetensors"
 
 
@@ -119,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             info = client.info()
             sample = args.sample or pick_sample(args.text)
             result = client.encode(text=sample, budgets=list(BUDGETS), fvu=True)
+            steering = steer(client, result)
     finally:
         running.stop(grace=5)
 
@@ -132,7 +140,34 @@ def main(argv: list[str] | None = None) -> int:
     typer.echo("\nmean per-token FVU (fraction of variance unexplained):")
     for b in BUDGETS:
         typer.echo(f"  k={b:>3}: {float(result.fvu[b].mean()):.3f}")
+    latent, value, token, before, after = steering
+    typer.echo(
+        f"\nSteering (Generate, SAE in the loop at k={STEER_BUDGET}, error term kept): latent "
+        f"{latent} fires most on the word {token!r} in the text ({value:.1f}); clamp it to "
+        f"{2 * value:.1f}.\nprompt: {STEER_PROMPT}\n  as is:   {before!r}\n  clamped: {after!r}"
+    )
     return 0
+
+
+def steer(client: Any, result: Any) -> tuple[int, float, str, str, str]:
+    """Generate from :data:`STEER_PROMPT` as is and with the strongest latent of the sample's
+    word tokens clamped to twice its value: ``(latent, value, token it fired on, text before,
+    text after)``."""
+    from hsae_runtime.steering import Intervention
+
+    values, indices = result.codes(STEER_BUDGET)  # (N, k)
+    # The top latent of a word token (punctuation and spaces carry outlier latents).
+    words = [i for i, t in enumerate(result.tokens) if len(t.strip()) >= 3 and t.strip().isalpha()]
+    row = max(words or range(len(result.tokens)), key=lambda i: float(values[i, 0]))
+    latent, value = int(indices[row, 0]), float(values[row, 0])
+    texts = []
+    for interventions in ((), (Intervention(latent, "set", 2 * value),)):
+        tokens = client.generate(
+            STEER_PROMPT, budget=STEER_BUDGET, interventions=interventions,
+            max_new_tokens=STEER_TOKENS,
+        )  # fmt: skip
+        texts.append([t.text for t in tokens if t.finish_reason][0])
+    return latent, value, result.tokens[row], texts[0], texts[1]
 
 
 if __name__ == "__main__":
