@@ -10,7 +10,7 @@ PYTEST_ARGS ?= -m "not slow"
 # without its Python pins (numpy<2, protobuf<7), which would move the core's versions back.
 TRITON_SERVER ?= nvidia-pytriton==0.7.0
 
-.PHONY: install proto browser test test-slow lint demo bench pareto clean
+.PHONY: install proto saelens browser test test-slow lint demo bench pareto clean
 
 # torch==2.13.0 first: it is the local CPU wheel. An unpinned torch would pull a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -32,6 +32,21 @@ openapi: $(VENV)/.installed
 proto: $(VENV)/.installed
 	@if [ -f protos/hsae/v1/hsae.proto ]; then $(BIN)/python -m hsae_runtime.serving.build_proto; fi
 
+# The real SAELens, for the round-trip test (tests/test_exporters_saelens.py) and bench_step's
+# comparison: a venv of its own (never one of our dependencies). A .pth line lets it reuse this
+# venv's packages, torch's CPU wheel first of all, so pip adds only what SAELens needs on top
+# (versions it needs otherwise go into its own folder, which comes first). Times: docs/exporters.md.
+SAELENS_VENV ?= .cache/saelens-venv
+SAELENS      ?= sae-lens==6.54.12
+$(SAELENS_VENV)/.installed: $(VENV)/.installed
+	test -x $(SAELENS_VENV)/bin/python || $(PYTHON) -m venv $(SAELENS_VENV)
+	$(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > \
+		"$$($(SAELENS_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/hsae_project.pth"
+	$(SAELENS_VENV)/bin/python -m pip install -q "$(SAELENS)"
+	touch $@
+
+saelens: $(SAELENS_VENV)/.installed
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/pyright
@@ -50,8 +65,9 @@ browser:
 			|| echo "chromium could not be installed: the browser test will skip"; \
 	else echo "no chromium and no usable apt: the browser test will skip"; fi
 
-test: lint browser
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+# HSAE_REQUIRE_SAELENS: the real-SAELens round trip fails instead of skipping without its venv.
+test: lint browser saelens
+	HSAE_REQUIRE_SAELENS=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-slow: install
 	$(BIN)/python -m pytest -m slow

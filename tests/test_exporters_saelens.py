@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,15 @@ SAELENS_PYTHON = Path(
     os.environ.get("HSAE_SAELENS_PYTHON",
                    Path(__file__).parents[1] / ".cache/saelens-venv/bin/python")
 )
+REQUIRE_SAELENS = os.environ.get("HSAE_REQUIRE_SAELENS") == "1"
+"""Set by ``make test`` (CI): a missing SAELens venv fails the round trip instead of skipping."""
+
+
+def _no_saelens(reason: str) -> None:
+    """Skip the real-SAELens test, or fail it where CI requires SAELens."""
+    if REQUIRE_SAELENS:
+        pytest.fail(f"{reason}; HSAE_REQUIRE_SAELENS=1 requires it (`make saelens` builds it)")
+    pytest.skip(f"{reason}: the real-SAELens round trip did NOT run (`make saelens` builds it)")
 
 
 def make_sae() -> SAE:
@@ -136,12 +146,11 @@ def test_refuses_extra_tensors(tmp_path):
         import_saelens(folder)
 
 
-@pytest.mark.slow
 def test_real_saelens_loads_our_folder(tmp_path):
     """sae-lens 6.54 (its own venv, never a dependency) loads the folder and encodes as we do."""
-    no_venv = f"no sae-lens venv at {SAELENS_PYTHON} (docs/exporters.md says how to make one)"
+    no_venv = f"no sae-lens venv at {SAELENS_PYTHON}"
     if not SAELENS_PYTHON.exists():
-        pytest.skip(no_venv)
+        _no_saelens(no_venv)
     sae = make_sae()
     export_saelens(sae, tmp_path / "f")
     x = torch.randn(5, 16)
@@ -176,7 +185,7 @@ def test_real_saelens_loads_our_folder(tmp_path):
         capture_output=True, text=True, timeout=240,
     )
     if "No module named 'sae_lens'" in res.stderr:
-        pytest.skip(no_venv)  # a half-built venv (another job may be installing it)
+        _no_saelens(f"{SAELENS_PYTHON} has no sae_lens (a half-built venv?)")
     assert res.returncode == 0, res.stderr[-3000:]
     info = json.loads(res.stdout.strip().splitlines()[-1])
     assert info["arch"] == "topk" and info["k"] == 6
@@ -194,3 +203,12 @@ def test_real_saelens_loads_our_folder(tmp_path):
     own_dense = torch.zeros(5, 40).scatter(1, own.indices, own.values)
     torch.testing.assert_close(own_dense, theirs["own_acts"], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(imported.decode(own), theirs["own_out"], rtol=1e-4, atol=1e-4)
+
+
+def test_a_missing_saelens_venv_fails_where_required(monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "REQUIRE_SAELENS", True)
+    with pytest.raises(pytest.fail.Exception, match="HSAE_REQUIRE_SAELENS=1"):
+        _no_saelens("no sae-lens venv at /nowhere")
+    monkeypatch.setattr(sys.modules[__name__], "REQUIRE_SAELENS", False)
+    with pytest.raises(pytest.skip.Exception, match="did NOT run"):
+        _no_saelens("no sae-lens venv at /nowhere")
