@@ -125,6 +125,10 @@ class CacheTimes:
     sae_s: float = 0.0
     write_s: float = 0.0
     resumed_shards: int = 0
+    clamped_tokens: int = 0
+    """Tokens with a code value beyond float16's range (stored clamped to ±65504)."""
+    clamped_counted: int = 0
+    """Of those, tokens that statistics count (the rest are BOS / EOS / pad)."""
     extra: dict[str, float] = field(default_factory=dict)
 
 
@@ -282,6 +286,10 @@ def build_cache(
             shard += 1
     finally:
         bar.close()
+    if times.clamped_tokens:
+        logger.warning("%d tokens had code values beyond float16's range, stored clamped to "
+                       "±%g (%d of them counted; the rest are special tokens such as BOS)",
+                       times.clamped_tokens, FLOAT16_MAX, times.clamped_counted)
     if shard == 0:
         raise DataError(f"no tokens in {portable_name(data)}",
                         hint=f"need at least {spec.context} tokens of text")
@@ -306,13 +314,14 @@ def _encode_shard(batch: list[Tensor], first_context: int, sae: SAE, lm: LoadedL
             code = sae.encode(acts.reshape(-1, acts.shape[-1]), k)  # (B·T, k)
         times.lm_s += t1 - t0
         times.sae_s += time.perf_counter() - t1
-        over = code.values.abs().max() > FLOAT16_MAX
-        if bool(over):
-            logger.warning("code values above the float16 range are clamped to %g", FLOAT16_MAX)
+        special = special_token_mask(lm.tokenizer, chunk).reshape(-1)  # (B·T,)
+        over = (code.values.abs() > FLOAT16_MAX).any(1).cpu()  # (B·T,)
+        times.clamped_tokens += int(over.sum())
+        times.clamped_counted += int((over & ~special).sum())
         values.append(code.values.clamp(-FLOAT16_MAX, FLOAT16_MAX).to(torch.float16).cpu())
         indices.append(code.indices.cpu())
         ids.append(chunk.reshape(-1))
-        counted.append(~special_token_mask(lm.tokenizer, chunk).reshape(-1))
+        counted.append(~special)
     lengths = torch.tensor([len(c) for c in batch], dtype=torch.int64)
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
     return {
