@@ -56,7 +56,9 @@ def test_health_and_reflection(sae):
             db = ProtoReflectionDescriptorDatabase(channel)
             assert "hsae.v1.HSAE" in db.get_services()
             service = DescriptorPool(db).FindServiceByName("hsae.v1.HSAE")
-            assert {m.name for m in service.methods} == {"Info", "Encode", "EncodeStream", "Decode"}
+            assert {m.name for m in service.methods} == {
+                "Info", "Encode", "EncodeStream", "Decode", "Generate"
+            }
     finally:
         running.stop(grace=1)
 
