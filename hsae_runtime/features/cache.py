@@ -14,8 +14,8 @@ Layout of ``DIR/cache/``:
   ``indices [N, k]`` (uint16 when ``d_sae`` fits, else int32), ``values [N, k]`` float16,
   ``token_ids [N]`` int32, ``counted [N]`` bool (False at BOS / EOS / pad, which statistics
   skip), ``offsets [C + 1]`` int64 (where each context starts in the shard) and
-  ``context_ids [C]`` int64 (each context's number in the stream: it starts at token
-  ``context_id · context`` of the EOS-joined documents, EOS marking document ends).
+  ``context_ids [C]`` int64 (each context's number in the stream: BOS, then tokens
+  ``context_id · (context - 1)`` onwards of the EOS-joined documents, EOS marking their ends).
 * ``manifest.json`` — written last: shard and token counts. Present = the cache is complete.
 
 Why safetensors: the project already reads and writes every tensor file with it (model files,
