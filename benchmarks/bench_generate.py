@@ -8,7 +8,10 @@ Prints three tables (numbers go to docs/serving.md with the machine line):
    runs alternate and the ratio is the median of per-repeat ratios (robust to a busy machine);
 2. the KV cache: one new token's step time after a short and a long prompt, vs re-running the
    whole sequence (what a step would cost without the cache);
-3. aggregate tokens/s of ``--streams`` requests generating in one batch vs one request.
+3. aggregate tokens/s of ``--streams`` requests generating in one batch vs one request;
+4. with ``--server-streams``: the same as concurrent Generate streams through a server (gRPC
+   client threads in this process; prompts, sampling and the end of each stream as a client
+   would see them).
 
 Run: ``python benchmarks/bench_generate.py [--sae runs/P_A/models/htopk64.safetensors]``.
 """
@@ -78,6 +81,8 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--server-streams", action="store_true",
+                        help="also time concurrent Generate streams through a server")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sae = SAE.load(args.sae).requires_grad_(False)
@@ -152,6 +157,46 @@ def main() -> None:
     print(f"| 1 | {steps / statistics.median(one):.1f} | 1.00 |")
     print(f"| {args.streams} | {args.streams * steps / statistics.median(many):.1f} | "
           f"{statistics.median(gains):.2f} |")
+
+    if args.server_streams:
+        server_streams(args, prompt)
+
+
+def server_streams(args: argparse.Namespace, prompt: list[int]) -> None:
+    """4. ``--streams`` concurrent Generate streams vs 1 through a server in this process."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hsae_runtime.client import Client
+    from hsae_runtime.serving.server import ServerOptions, load_and_start
+
+    running = load_and_start(args.sae, device="cpu", options=ServerOptions(port=0))
+    n = args.new_tokens
+    try:
+        with Client(running.address, timeout=3600) as client:
+
+            def one_stream(seed: int) -> int:
+                tokens = client.generate(tokens=prompt, budget=args.budget, max_new_tokens=n,
+                                         temperature=1.0, seed=seed)
+                return sum(1 for _ in tokens)
+
+            def wall(streams: int) -> tuple[float, int]:
+                start = time.perf_counter()
+                with ThreadPoolExecutor(streams) as pool:
+                    made = sum(pool.map(one_stream, range(streams)))
+                return time.perf_counter() - start, made
+
+            one_stream(0)  # warm-up
+            print("\n| concurrent Generate streams (server) | tokens | wall s | aggregate tokens/s "
+                  "| gain |")
+            print("|---|---|---|---|---|")
+            base = 0.0
+            for streams in (1, args.streams):
+                seconds, made = min((wall(streams) for _ in range(2)), key=lambda r: r[0])
+                rate = made / seconds
+                base = base or rate
+                print(f"| {streams} | {made} | {seconds:.1f} | {rate:.1f} | {rate / base:.2f} |")
+    finally:
+        running.stop(grace=1)
 
 
 if __name__ == "__main__":
