@@ -119,11 +119,13 @@ class TritonServer:
     """One ``tritonserver`` process serving ``repo`` on ``host`` (a context manager).
 
     ``extra_args`` go to the server as they are (e.g. ``["--log-verbose=1"]``).
+    ``exit_timeout_s``: how long the server drains in-flight requests, open connections and
+    model unloads after SIGTERM before it gives up (and exits non-zero).
     """
 
     def __init__(self, repo: str | Path, *, host: str = "127.0.0.1",
                  ports: TritonPorts = TritonPorts(), extra_args: list[str] | None = None,
-                 log_file: str | Path | None = None) -> None:
+                 log_file: str | Path | None = None, exit_timeout_s: int = 10) -> None:
         self.repo = Path(repo).resolve()
         if not self.repo.is_dir():
             raise ConfigError(f"{repo} is not a folder",
@@ -131,6 +133,7 @@ class TritonServer:
         self.host, self.ports = host, ports
         self.extra_args = list(extra_args or [])
         self.log_file = Path(log_file) if log_file is not None else None
+        self.exit_timeout_s = exit_timeout_s
         self.process: subprocess.Popen[bytes] | None = None
         self._workdir: tempfile.TemporaryDirectory[str] | None = None
 
@@ -150,7 +153,8 @@ class TritonServer:
             f"--http-address={self.host}", f"--http-port={self.ports.http}",
             f"--grpc-address={self.host}", f"--grpc-port={self.ports.grpc}",
             f"--metrics-address={self.host}", f"--metrics-port={self.ports.metrics}",
-            "--allow-metrics=true", "--allow-gpu-metrics=false", "--exit-timeout-secs=10",
+            "--allow-metrics=true", "--allow-gpu-metrics=false",
+            f"--exit-timeout-secs={self.exit_timeout_s}",
             *self.extra_args,
         ]
 
@@ -197,8 +201,10 @@ class TritonServer:
         self.stop()
         raise TritonServerError(f"tritonserver was not ready after {timeout_s:.0f} s")
 
-    def stop(self, grace_s: float = 15.0) -> int | None:
-        """SIGTERM, wait up to ``grace_s``, then SIGKILL; returns the exit code."""
+    def stop(self, grace_s: float | None = None) -> int | None:
+        """SIGTERM, wait up to ``grace_s`` (default: the exit timeout + 10 s), then SIGKILL;
+        returns the exit code."""
+        grace_s = self.exit_timeout_s + 10.0 if grace_s is None else grace_s
         code = None
         if self.process is not None:
             if self.process.poll() is None:

@@ -73,7 +73,9 @@ def server(sae, tmp_path_factory):
     export_triton_python_repo(sae, tmp / "repo", name="hsae_bf16", dtype="bfloat16",
                               queue_delay_us=None, model_file=source)
     log_file = tmp / "tritonserver.log"
-    srv = TritonServer(tmp / "repo", ports=TritonPorts(*free_ports(3)), log_file=log_file)
+    # a long drain: on a loaded machine unloading the models can take longer than the default
+    srv = TritonServer(tmp / "repo", ports=TritonPorts(*free_ports(3)), log_file=log_file,
+                       exit_timeout_s=60)
     srv.start()
     try:
         srv.wait_ready(180)

@@ -29,6 +29,9 @@ def up(
     ready_timeout: float = typer.Option(
         120.0, "--ready-timeout", help="Seconds to wait for the models to load."
     ),
+    exit_timeout: int = typer.Option(
+        10, "--exit-timeout", help="Seconds the server may drain requests and unload on stop."
+    ),
     server_arg: list[str] = typer.Option(
         [], "--server-arg", help="Extra tritonserver flag, repeatable (e.g. --log-verbose=1)."
     ),
@@ -39,7 +42,7 @@ def up(
     from hsae_runtime.exporters.triton_server import TritonPorts, TritonServer
 
     server = TritonServer(repo, host=host, ports=TritonPorts(http_port, grpc_port, metrics_port),
-                          extra_args=server_arg)
+                          extra_args=server_arg, exit_timeout_s=exit_timeout)
 
     def _terminate(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
