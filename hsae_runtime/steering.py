@@ -31,6 +31,7 @@ from typing import Any, Literal, NamedTuple, Protocol
 import torch
 from torch import Tensor
 
+from hsae_runtime import checks
 from hsae_runtime.config import SAEConfig
 from hsae_runtime.errors import InputError
 from hsae_runtime.sae import SparseCode
@@ -77,15 +78,9 @@ class SteerSpec(NamedTuple):
 
 
 def check_budget(config: SAEConfig, budget: Any) -> int:
-    """``budget`` as an int in ``1..k_max``, else :class:`InputError`."""
-    if isinstance(budget, bool) or not isinstance(budget, int):
-        raise InputError(f"budget must be an int, got {type(budget).__name__}")
-    if not 1 <= budget <= config.k_max:
-        raise InputError(
-            f"budget {budget} is out of range 1..k_max={config.k_max}",
-            hint=f"this SAE was trained with k_max={config.k_max}; ask for at most that",
-        )
-    return budget
+    """``budget`` as an int in ``1..k_max``, else :class:`InputError`
+    (:func:`hsae_runtime.checks.check_budget`)."""
+    return checks.check_budget(budget, config.k_max)
 
 
 def check_interventions(config: SAEConfig, interventions: Sequence[Intervention]) -> None:

@@ -49,6 +49,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from hsae_runtime.errors import InputError
 from hsae_runtime.serving import http_models as m
 from hsae_runtime.serving.errors import AuthError, OversizeError, http_status_for
+from hsae_runtime.serving.limits import ServingLimits
 from hsae_runtime.serving.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ def create_app(
     *,
     token: str | None = None,
     metrics: ServerMetrics | None = None,
-    max_body_bytes: int = 64 * 2**20,
+    max_body_bytes: int = ServingLimits.max_message_bytes,
     features_dir: Path | None = None,
     ready: Callable[[], bool] | None = None,
 ) -> FastAPI:
