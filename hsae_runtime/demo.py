@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
 
-    from hsae_runtime.client import Client, format_table
+    from hsae_runtime.client import Client
+    from hsae_runtime.client_results import format_table
     from hsae_runtime.gguf import gemma3_270m_path
     from hsae_runtime.serving import build_proto
 

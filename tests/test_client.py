@@ -11,7 +11,8 @@ from hsae_runtime.serving import build_proto
 
 build_proto.ensure()  # generated stubs are build outputs: make sure they exist and are current
 
-from hsae_runtime.client import Client, EncodeResult, ServerError, format_table  # noqa: E402
+from hsae_runtime.client import Client, ServerError  # noqa: E402
+from hsae_runtime.client_results import EncodeResult, format_table  # noqa: E402
 from hsae_runtime.config import SAEConfig  # noqa: E402
 from hsae_runtime.errors import InputError  # noqa: E402
 from hsae_runtime.sae import SAE  # noqa: E402

@@ -12,7 +12,8 @@ from hsae_runtime.serving import build_proto
 
 build_proto.ensure()  # generated stubs are build outputs: make sure they exist and are current
 
-from hsae_runtime.client import Client, EncodeResult, LatentLabel, format_table  # noqa: E402
+from hsae_runtime.client import Client  # noqa: E402
+from hsae_runtime.client_results import EncodeResult, LatentLabel, format_table  # noqa: E402
 from hsae_runtime.errors import DataError  # noqa: E402
 from hsae_runtime.features.build import build_features  # noqa: E402
 from hsae_runtime.features.cache import CacheSpec  # noqa: E402

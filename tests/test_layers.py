@@ -10,7 +10,8 @@ The layers, lowest first (a module may import its own layer and the ones below):
    move them between formats, and describe their latents.
 3. serving — ``hsae_runtime.serving.*`` and ``onnx_backend`` (the ONNX Runtime backend the
    server runs, whose graphs ``exporters.onnx`` builds).
-4. client — ``hsae_runtime.client``: talks to a server through the generated stubs.
+4. client — ``hsae_runtime.client`` and ``client_results``: talks to a server through the
+   generated stubs.
 5. apps — ``hsae_runtime.cli.*`` and ``hsae_runtime.demo`` (which drives train, serve and the
    client end to end).
 
@@ -47,6 +48,7 @@ LAYERS: dict[str, int] = {
     "hsae_runtime.serving": 3,
     "hsae_runtime.onnx_backend": 3,
     "hsae_runtime.client": 4,
+    "hsae_runtime.client_results": 4,
     "hsae_runtime.cli": 5,
     "hsae_runtime.demo": 5,
 }

@@ -29,7 +29,8 @@ from serving_helpers import (
     wire,
 )
 
-from hsae_runtime.client import Client, ServerError, format_table
+from hsae_runtime.client import Client, ServerError
+from hsae_runtime.client_results import format_table
 from hsae_runtime.sae import per_token_fvu
 
 pytestmark = pytest.mark.timeout(120)

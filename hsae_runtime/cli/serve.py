@@ -149,7 +149,8 @@ def encode(
     """Encode text on a running server and print tokens, per-budget FVU and top latents."""
     import sys
 
-    from hsae_runtime.client import Client, ServerError, format_table
+    from hsae_runtime.client import Client, ServerError
+    from hsae_runtime.client_results import format_table
 
     wanted = parse_budgets(budgets) or []
     if text == "-":

@@ -1,8 +1,8 @@
 """Short latent labels read from a features folder (``DIR/data/summary.json``); no torch.
 
-``encode --features DIR`` and :meth:`hsae_runtime.client.EncodeResult.describe` use them to show,
-next to each latent id, the tokens it fires on most (or, for a latent that never fired in the
-cache, the tokens its decoder row promotes through the logit lens).
+``encode --features DIR`` and :meth:`hsae_runtime.client_results.EncodeResult.describe` use
+them to show, next to each latent id, the tokens it fires on most (or, for a latent that never
+fired in the cache, the tokens its decoder row promotes through the logit lens).
 """
 
 from __future__ import annotations

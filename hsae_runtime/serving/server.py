@@ -25,28 +25,21 @@ file and the LM the way ``hsae-runtime serve`` does.
 from __future__ import annotations
 
 import logging
-import mmap
 import signal
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
-import torch
 
 from hsae_runtime.errors import ConfigError
 from hsae_runtime.serving.backend import Backend, BackendName, load_backend
 from hsae_runtime.serving.batcher import Batcher
-from hsae_runtime.serving.limits import (
-    DEFAULT_GRACE_S,
-    DEFAULT_HOST,
-    DEFAULT_PORT,
-    BatcherConfig,
-    ServingLimits,
-)
+from hsae_runtime.serving.limits import DEFAULT_GRACE_S
+from hsae_runtime.serving.options import ServerOptions
+from hsae_runtime.serving.paging import page_in_embeddings
 from hsae_runtime.serving.process import tune_process
 from hsae_runtime.serving.security import HEALTH_PREFIX, TokenInterceptor, tls_credentials
 from hsae_runtime.serving.servicer import HSAEServicer
@@ -59,64 +52,6 @@ SERVICE_NAME = "hsae.v1.HSAE"
 _RESERVED_METHODS = frozenset({HEALTH_PREFIX + "Check", f"/{SERVICE_NAME}/Info"})
 _ABORT_WAIT_S = 2.0
 """After the grace: how long calls get to send their UNAVAILABLE before the port closes."""
-
-
-@dataclass(frozen=True)
-class ServerOptions:
-    """Network, security and capacity settings of a server."""
-
-    host: str = DEFAULT_HOST
-    """Interface to bind; ``0.0.0.0`` exposes the server to the network."""
-    port: int = DEFAULT_PORT
-    """TCP port; 0 picks a free one (tests)."""
-    limits: ServingLimits = field(default_factory=ServingLimits)
-    batching: BatcherConfig = field(default_factory=BatcherConfig)
-    tls_cert: Path | None = None
-    """PEM certificate chain; with ``tls_key`` turns on TLS."""
-    tls_key: Path | None = None
-    """PEM private key for ``tls_cert``."""
-    token: str | None = None
-    """Bearer token every call except health must carry."""
-    max_workers: int = 64
-    """gRPC handler threads: bounds concurrent RPCs being served (the rest wait in gRPC). Open
-    EncodeStreams may hold at most half of them (``limits.max_streams``)."""
-    reserved_workers: int = 2
-    """A separate pool of handler threads for health checks and Info only, so they answer
-    while every other thread is busy."""
-    http_port: int | None = None
-    """Also serve the HTTP/JSON API on this port of ``host`` (0: a free one; None: no HTTP)."""
-    metrics_port: int | None = None
-    """Serve Prometheus ``/metrics`` on this port of ``host`` (0: a free one; None: none)."""
-    features_dir: Path | None = None
-    """A static folder (latent dashboards) served under ``/features`` on the HTTP port."""
-
-    def __post_init__(self) -> None:
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ConfigError(
-                "TLS needs both a certificate and a key", hint="pass --tls-cert and --tls-key"
-            )
-        if self.token is not None and not self.token.strip():
-            raise ConfigError("the token is empty", hint="put a non-empty token in --token-file")
-        for name in ("port", "http_port", "metrics_port"):
-            value = getattr(self, name)
-            if value is not None and not 0 <= value <= 65535:
-                raise ConfigError(f"{name} must be in 0..65535, got {value}")
-        if self.features_dir is not None and self.http_port is None:
-            raise ConfigError("--features needs --http-port", hint="the folder is served over HTTP")
-        if self.features_dir is not None and not Path(self.features_dir).is_dir():
-            raise ConfigError(f"--features {self.features_dir} is not a folder")
-        if self.max_workers < 2 or self.reserved_workers < 1:
-            raise ConfigError(
-                f"need max_workers >= 2 and reserved_workers >= 1, got {self.max_workers} and "
-                f"{self.reserved_workers}"
-            )
-        if self.limits.max_streams > self.max_workers // 2:
-            raise ConfigError(
-                f"max_streams={self.limits.max_streams} is over half of the "
-                f"{self.max_workers} handler threads",
-                hint="open streams each hold a thread: lower --max-streams so unary calls "
-                "always find one",
-            )
 
 
 class _ReservedPoolInterceptor(grpc.ServerInterceptor):
@@ -232,7 +167,7 @@ def start(
     version: str | None = None,
 ) -> RunningServer:
     """Start serving ``backend`` (and ``lm`` via ``capture(ids, mask, cache=None)``, see
-    :class:`~hsae_runtime.serving.batcher.Capture`) in background threads."""
+    :class:`~hsae_runtime.serving.batch_compute.Capture`) in background threads."""
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
 
@@ -438,27 +373,6 @@ def serve_forever(running: RunningServer, grace: float = DEFAULT_GRACE_S) -> Non
         for s, handler in previous.items():
             signal.signal(s, handler)
     running.stop(grace)
-
-
-def page_in_embeddings(model: Any) -> None:
-    """Read one value per memory page of ``model``'s input-embedding matrix.
-
-    ``from_pretrained`` leaves safetensors weights memory-mapped from the file, and a page of a
-    mapping counts in RSS only once it is read. Every layer up to the hookpoint is read by the
-    first forward, but an embedding row only when its token id first arrives, so under text
-    and token traffic RSS climbed for as long as new ids came in (towards the whole matrix:
-    640 MiB for Gemma-3 270M in float32) although nothing leaked. Reading it once at start-up
-    puts it in RSS from the start. Layers after the hookpoint never run and stay unread.
-    """
-    get = getattr(model, "get_input_embeddings", None)
-    weight = getattr(get(), "weight", None) if callable(get) else None
-    if not isinstance(weight, torch.Tensor) or weight.device.type != "cpu":
-        return
-    if not weight.is_contiguous():
-        return
-    flat = weight.detach().reshape(-1)  # (d_vocab * d_model,) view
-    step = max(mmap.PAGESIZE // flat.element_size(), 1)
-    float(flat[::step].sum())
 
 
 def _budget_text(budgets: tuple[int, ...], k_max: int) -> str:

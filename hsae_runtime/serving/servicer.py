@@ -28,6 +28,7 @@ from hsae_runtime.errors import InputError
 from hsae_runtime.sae import SparseCode
 from hsae_runtime.serving import convert
 from hsae_runtime.serving.batcher import Batcher
+from hsae_runtime.serving.calls import bind_to_call, remaining_s
 from hsae_runtime.serving.convert import EncodeInput
 from hsae_runtime.serving.errors import (
     DeadlineError,
@@ -272,7 +273,7 @@ class HSAEServicer(pb_grpc.HSAEServicer):
             size = len(parsed.budgets) * parsed.values.shape[0] * self.config.d_in * 4
             self._check_size(size)
             job = DecodeJob(SparseCode(parsed.values, parsed.indices), parsed.budgets)
-            _bind_to_call(job, context)
+            bind_to_call(job, context)
             future = self.batcher.submit(job)
         recons = self._wait(job, future, context)  # (n_budgets, N, d_in)
         return convert.decode_response_to_pb(parsed, recons)
@@ -301,7 +302,7 @@ class HSAEServicer(pb_grpc.HSAEServicer):
     def _wait(self, job: Job[R] | None, future: Future[R], context: grpc.ServicerContext) -> R:
         """The job's result, within the client's deadline and the server's shutdown grace."""
         try:
-            return self.gate.wait(future, _remaining(context))
+            return self.gate.wait(future, remaining_s(context))
         except TimeoutError:
             if job is not None:
                 job.cancel()
@@ -327,7 +328,7 @@ class HSAEServicer(pb_grpc.HSAEServicer):
             job.lm_input, tokens = self._tokenise(parsed)
             rows = len(tokens.positions)
         self._check_size(convert.response_bytes_estimate(parsed, rows, self.config.d_in))
-        _bind_to_call(job, context)
+        bind_to_call(job, context)
         return parsed, job, tokens
 
     def _tokenise(self, parsed: EncodeInput) -> tuple[LMInput, TokenInfo]:
@@ -389,23 +390,6 @@ class HSAEServicer(pb_grpc.HSAEServicer):
                 f"{self.limits.max_message_bytes / 2**20:.0f} MiB message limit; send fewer "
                 "tokens or budgets, or skip reconstructions"
             )
-
-
-def _bind_to_call(job: Job[Any], context: grpc.ServicerContext) -> None:
-    """Give ``job`` the call's deadline, and cancel it when the client goes away."""
-    remaining = _remaining(context)
-    if remaining is not None:
-        job.deadline = time.monotonic() + remaining
-    job.is_active = context.is_active
-    context.add_callback(job.cancel)
-
-
-def _remaining(context: grpc.ServicerContext) -> float | None:
-    """Seconds to the client's deadline; ``None`` without one (gRPC then reports ~forever)."""
-    remaining = context.time_remaining()
-    if remaining is None or remaining > 1e7:
-        return None
-    return max(remaining, 0.0)
 
 
 def _ms(start: float) -> float:
