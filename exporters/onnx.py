@@ -44,7 +44,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from hsae_runtime.errors import ConfigError, HSAEError
+from hsae_runtime.checks import check_budgets
+from hsae_runtime.errors import ConfigError, HSAEError, InputError
 from hsae_runtime.exporters.onnx_format import NP_DTYPES, OnnxDType
 
 if TYPE_CHECKING:
@@ -83,11 +84,10 @@ def check_budgets_out(budgets: Sequence[int] | None, k_max: int) -> tuple[int, .
     """Sorted unique fixed budgets in 1..k_max (``()`` for none)."""
     if not budgets:
         return ()
-    out = sorted({int(b) for b in budgets})
-    bad = [b for b in out if not 1 <= b <= k_max]
-    if bad:
-        raise ConfigError(f"budgets_out must lie in 1..k_max={k_max}, got {bad}")
-    return tuple(out)
+    try:
+        return tuple(sorted(set(check_budgets([int(b) for b in budgets], k_max))))
+    except InputError as err:
+        raise ConfigError(f"budgets_out: {err.message}", hint=err.hint) from err
 
 
 def build_onnx_model(
