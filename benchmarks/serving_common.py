@@ -118,3 +118,25 @@ def lm_sae(folder: Path) -> Path | None:
     path = folder / "gemma3.safetensors"
     SAE(config).save(path)
     return path
+
+
+def pct(sorted_values: list[float], q: float) -> float:
+    """The ``q`` quantile of already sorted values (NaN for none)."""
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * q))]
+
+
+def lm_vocab_size(model: Path) -> int:
+    """The vocabulary size of the LM named by the SAE file ``model`` (its config.json)."""
+    import json
+
+    from hsae_runtime.format import read_config
+    from hsae_runtime.gguf import dequantised_folder
+
+    model_name = read_config(model).model_name
+    if model_name is None:
+        raise ValueError(f"{model} names no LM")
+    name = Path(model_name)
+    folder = dequantised_folder(name, None) if name.suffix == ".gguf" else name
+    return int(json.loads((folder / "config.json").read_text())["vocab_size"])
