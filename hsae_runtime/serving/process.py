@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 import logging
 import platform
@@ -47,9 +48,11 @@ SERVER_SWITCH_INTERVAL_S = 0.0005
 """The server's GIL switch interval (seconds)."""
 
 
+@functools.cache
 def tune_process() -> None:
     """Apply the server's process-wide settings; call once the models are loaded and before
-    the thread pools start."""
+    the thread pools start. Runs once per process: a second server in the same process (tests,
+    an application embedding ``start()``) finds them set and pays no second full collection."""
     tune_malloc()
     sys.setswitchinterval(SERVER_SWITCH_INTERVAL_S)
     gc.collect()
@@ -89,12 +92,18 @@ def cap_malloc_arenas(arenas: int = SERVER_ARENAS) -> bool:
     return _mallopt(M_ARENA_MAX, arenas)
 
 
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """This process's C library if it is glibc (``None`` elsewhere)."""
+    if platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def _mallopt(param: int, value: int) -> bool:
     """``mallopt(param, value)``; ``False`` where this is not glibc."""
-    if platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(param, value))
-    except (OSError, AttributeError):
-        return False
+    libc = _glibc()
+    return libc is not None and bool(libc.mallopt(param, value))
