@@ -11,7 +11,9 @@ Prints three tables (numbers go to docs/serving.md with the machine line):
 3. aggregate tokens/s of ``--streams`` requests generating in one batch vs one request;
 4. with ``--server-streams``: the same as concurrent Generate streams through a server (gRPC
    client threads in this process; prompts, sampling and the end of each stream as a client
-   would see them).
+   would see them), with the most generation batches the server ran at once (1: every
+   stream that arrived while others were generating was merged into their batch);
+   ``--server-only`` prints this table alone.
 
 Run: ``python benchmarks/bench_generate.py [--sae runs/P_A/models/htopk64.safetensors]``.
 """
@@ -83,6 +85,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--server-streams", action="store_true",
                         help="also time concurrent Generate streams through a server")
+    parser.add_argument("--server-only", action="store_true",
+                        help="only the concurrent-streams table (implies --server-streams)")
+    parser.add_argument("--server-repeats", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sae = SAE.load(args.sae).requires_grad_(False)
@@ -96,6 +101,10 @@ def main() -> None:
           f"torch threads, torch {torch.__version__}; LM {lm.name}, SAE {args.sae.name} "
           f"(d_sae {sae.config.d_sae}) at {hookpoint}, budget {args.budget}; load average "
           f"{os.getloadavg()[0]:.1f} at the start")
+    if args.server_only:
+        server_streams(args, prompt, lm, sae)
+        print(f"load at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        return
 
     def request(interventions=(), **kw) -> GenerationRequest:
         return GenerationRequest(prompt, SteerSpec(args.budget, tuple(interventions)),
@@ -159,18 +168,34 @@ def main() -> None:
           f"{statistics.median(gains):.2f} |")
 
     if args.server_streams:
-        server_streams(args, prompt)
+        server_streams(args, prompt, lm, sae)
 
 
-def server_streams(args: argparse.Namespace, prompt: list[int]) -> None:
-    """4. ``--streams`` concurrent Generate streams vs 1 through a server in this process."""
+def server_streams(args: argparse.Namespace, prompt: list[int], lm: LoadedLM, sae: SAE) -> None:
+    """4. ``--streams`` concurrent Generate streams vs 1 through a server in this process.
+
+    Rows: 1 stream; ``--streams`` streams with continuous batching (newcomers merged into the
+    running batch); the same with merging switched off (``absorb`` refused: the scheduler's
+    fallback, batches of the requests that arrived together take turns); and, as the bound,
+    the same requests as one ``GenerationBatch`` in this process (prompts included, no
+    server). The configurations alternate, best of ``--server-repeats`` each.
+    """
+    import threading
     from concurrent.futures import ThreadPoolExecutor
+    from unittest import mock
 
     from hsae_runtime.client import Client
+    from hsae_runtime.kv_batch import UnsupportedCache
     from hsae_runtime.serving.server import ServerOptions, load_and_start
 
     running = load_and_start(args.sae, device="cpu", options=ServerOptions(port=0))
     n = args.new_tokens
+    scheduler = running.batcher.generation
+    assert scheduler is not None
+
+    def refuse(self: GenerationBatch, other: GenerationBatch) -> dict[int, int]:
+        raise UnsupportedCache("benchmark: batches kept apart")
+
     try:
         with Client(running.address, timeout=3600) as client:
 
@@ -179,22 +204,60 @@ def server_streams(args: argparse.Namespace, prompt: list[int]) -> None:
                                          temperature=1.0, seed=seed)
                 return sum(1 for _ in tokens)
 
-            def wall(streams: int) -> tuple[float, int]:
+            def through_server(streams: int) -> tuple[float, int, int]:
+                most, done = 0, threading.Event()
+
+                def watch() -> None:  # the most batches the scheduler held at once
+                    nonlocal most
+                    while not done.wait(0.005):
+                        most = max(most, scheduler.running_batches)
+
+                watcher = threading.Thread(target=watch, daemon=True)
+                watcher.start()
                 start = time.perf_counter()
                 with ThreadPoolExecutor(streams) as pool:
                     made = sum(pool.map(one_stream, range(streams)))
-                return time.perf_counter() - start, made
+                seconds = time.perf_counter() - start
+                done.set()
+                watcher.join()
+                return seconds, made, most
+
+            def apart(streams: int) -> tuple[float, int, int]:
+                with mock.patch.object(GenerationBatch, "absorb", refuse):
+                    return through_server(streams)
+
+            def one_batch(streams: int) -> tuple[float, int, int]:
+                reqs = [GenerationRequest(prompt, SteerSpec(args.budget), max_new_tokens=n,
+                                          temperature=1.0, seed=i) for i in range(streams)]
+                start = time.perf_counter()
+                batch = GenerationBatch(lm, sae, sae.config.hookpoint, reqs)
+                made = 0
+                while not batch.done:
+                    made += len(batch.step())
+                return time.perf_counter() - start, made, 1
 
             one_stream(0)  # warm-up
-            print("\n| concurrent Generate streams (server) | tokens | wall s | aggregate tokens/s "
-                  "| gain |")
-            print("|---|---|---|---|---|")
+            configs = [
+                ("1 stream", through_server, 1),
+                (f"{args.streams} streams, continuous batching", through_server, args.streams),
+                (f"{args.streams} streams, batches apart (no merging)", apart, args.streams),
+                (f"{args.streams} requests in one GenerationBatch (no server; bound)", one_batch,
+                 args.streams),
+            ]
+            results: dict[str, list[tuple[float, int, int]]] = {c[0]: [] for c in configs}
+            for _ in range(args.server_repeats):
+                for label, fn, streams in configs:
+                    results[label].append(fn(streams))
+            print("\n| concurrent Generate streams | tokens | wall s | aggregate tokens/s | gain "
+                  "| most batches at once |")
+            print("|---|---|---|---|---|---|")
             base = 0.0
-            for streams in (1, args.streams):
-                seconds, made = min((wall(streams) for _ in range(2)), key=lambda r: r[0])
+            for label, _, _ in configs:
+                seconds, made, most = min(results[label], key=lambda r: r[0])
                 rate = made / seconds
                 base = base or rate
-                print(f"| {streams} | {made} | {seconds:.1f} | {rate:.1f} | {rate / base:.2f} |")
+                print(f"| {label} | {made} | {seconds:.1f} | {rate:.1f} | {rate / base:.2f} "
+                      f"| {most} |")
     finally:
         running.stop(grace=1)
 

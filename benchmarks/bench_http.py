@@ -3,9 +3,12 @@
 The server runs with ``--no-lm --http-port``: the same servicer and batcher answer both
 protocols, so the difference is the transport and the body format. For 1 and 64 rows
 (``d_in`` of the SAE), one client sends requests one after another and we report the median
-round trip, as gRPC (raw bytes), HTTP with JSON arrays and HTTP with base64 ``data``
-(request and response), and the ratios to gRPC. The client's own encoding and decoding
-(numpy <-> JSON / base64) is included: it is part of what an HTTP client pays.
+round trip, as gRPC (raw bytes), HTTP with JSON arrays, HTTP with base64 ``data`` (request
+and response) and HTTP raw bytes (``POST /v1/encode/raw``, the body the activations' bytes,
+the answer the code's bytes with ``Accept: application/octet-stream``), and the ratios to
+gRPC. The client's own encoding and decoding (numpy <-> JSON / base64 / bytes) is included:
+it is part of what an HTTP client pays. The four forms alternate request by request, so load
+from other processes hits them alike.
 
 Run: ``python benchmarks/bench_http.py [--sae runs/P_A/models/htopk64.safetensors]``.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import os
 import socket
 import sys
 import time
@@ -35,14 +39,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def timed(fn, n: int) -> float:
-    fn()  # warm-up
-    samples = []
-    for _ in range(n):
-        start = time.perf_counter()
+def timed_together(fns, n: int) -> list[float]:
+    """Median ms of each of ``fns``, called in turn ``n`` times each (after one warm-up)."""
+    samples: list[list[float]] = [[] for _ in fns]
+    for fn in fns:
         fn()
-        samples.append(time.perf_counter() - start)
-    return median_ms(samples)
+    for _ in range(n):
+        for fn, out in zip(fns, samples, strict=True):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return [median_ms(s) for s in samples]
 
 
 def main() -> None:
@@ -57,8 +64,9 @@ def main() -> None:
     server = ServerProcess(args.sae, "--http-port", str(http_port))
     print(f"machine: {machine()}; SAE {args.sae.name} (d_in {d_in}), budget {args.budget}, "
           f"median of {args.requests} sequential requests")
-    print("\n| rows | gRPC (ms) | HTTP JSON arrays (ms) | ÷ gRPC | HTTP base64 (ms) | ÷ gRPC |")
-    print("|---|---|---|---|---|---|")
+    print("\n| rows | gRPC (ms) | HTTP JSON arrays (ms) | ÷ gRPC | HTTP base64 (ms) | ÷ gRPC "
+          "| HTTP raw bytes (ms) | ÷ gRPC |")
+    print("|---|---|---|---|---|---|---|---|")
     try:
         # TCP_NODELAY as curl, requests and gRPC set it: httpx leaves Nagle on, and a body sent
         # after its headers then waits for the server's delayed ACK (~40 ms a request).
@@ -89,10 +97,22 @@ def main() -> None:
                     values = np.frombuffer(base64.b64decode(out["values"]["data"]), np.float32)
                     assert values.size == rows * args.budget
 
-                g = timed(over_grpc, args.requests)
-                j = timed(over_json, args.requests)
-                b = timed(over_base64, args.requests)
-                print(f"| {rows} | {g:.2f} | {j:.2f} | {j / g:.2f} | {b:.2f} | {b / g:.2f} |")
+                raw_params = {"shape": [rows, d_in], "budgets": [args.budget]}
+                raw_headers = {"Content-Type": "application/octet-stream",
+                               "Accept": "application/octet-stream"}
+
+                def over_raw() -> None:
+                    out = http.post("/v1/encode/raw", content=x.tobytes(), params=raw_params,
+                                    headers=raw_headers).raise_for_status()
+                    values = np.frombuffer(out.content, np.float32, rows * args.budget)
+                    assert values.size == rows * args.budget
+
+                g, j, b, r = timed_together(
+                    [over_grpc, over_json, over_base64, over_raw], args.requests
+                )
+                print(f"| {rows} | {g:.2f} | {j:.2f} | {j / g:.2f} | {b:.2f} | {b / g:.2f} "
+                      f"| {r:.2f} | {r / g:.2f} |")
+            print(f"load at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     finally:
         server.stop()
 

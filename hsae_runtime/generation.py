@@ -13,7 +13,12 @@ tokens (BOS, padding...) keep their clean activation: the SAE was not trained on
 * ``compare_unsteered`` adds a twin row per steered request (same tokens, no interventions)
   whose log-probabilities come back beside the steered ones;
 * a finished or cancelled request leaves the batch before the next step (its KV rows are
-  dropped), so a long request does not keep the others' cost up.
+  dropped, and cache columns that only its prompt used are trimmed), so a long request does
+  not keep the others' cost up;
+* :meth:`GenerationBatch.absorb` moves the requests of another batch, once their prompts ran,
+  into this one between two steps (continuous batching): the two KV caches are joined with
+  left padding (:mod:`hsae_runtime.kv_batch`), and since every row attends only to its own
+  tokens at its own positions, a request generates the same tokens whichever batch it joins.
 
 Sampling is greedy at temperature 0, else seeded (``seed``) with top-p; it stops at
 ``max_new_tokens``, an end-of-sequence token or a stop string.
@@ -33,6 +38,7 @@ import torch
 from torch import Tensor
 
 from hsae_runtime.errors import InputError
+from hsae_runtime.kv_batch import join_into, trim_padding
 from hsae_runtime.lm import (
     LoadedLM,
     PrefixCache,
@@ -86,7 +92,8 @@ class Step:
     """One generated token of one request."""
 
     request: int
-    """Index of the request in the batch."""
+    """Id of the request in its batch: its index in the batch's constructor list, or the id
+    :meth:`GenerationBatch.absorb` gave it."""
     index: int
     """0 for the first new token."""
     token_id: int
@@ -143,6 +150,7 @@ class _Live:
     """A request still generating: its model rows and its sampler state."""
 
     request: int
+    req: GenerationRequest
     row: int
     twin: int | None
     generator: torch.Generator
@@ -164,7 +172,7 @@ class GenerationBatch:
         vocab = int(cast(Any, lm.model).get_input_embeddings().num_embeddings)
         for req in requests:
             check_request(req, sae, vocab)
-        self.lm, self.sae, self.requests = lm, sae, list(requests)
+        self.lm, self.sae = lm, sae
         self.hookpoint = resolve_hookpoint(lm.model, hookpoint)
         self.lm_seconds = 0.0
         """Wall time of the LM forwards (the SAE time inside them excluded)."""
@@ -173,7 +181,7 @@ class GenerationBatch:
         self._eos = eos_ids(lm)
         self._specs: list[SteerSpec] = []
         self._live: list[_Live] = []
-        for i, req in enumerate(self.requests):
+        for i, req in enumerate(requests):
             twin = None
             self._specs.append(req.steer)
             if req.compare_unsteered and req.steer.interventions:
@@ -184,7 +192,8 @@ class GenerationBatch:
                 gen.seed()
             else:
                 gen.manual_seed(int(req.seed))
-            self._live.append(_Live(i, len(self._specs) - 1 - (twin is not None), twin, gen))
+            self._live.append(_Live(i, req, len(self._specs) - 1 - (twin is not None), twin, gen))
+        self._next_id = len(requests)
         self._cache = PrefixCache()
         self._pending: list[int] | None = None  # the tokens the next step feeds, per model row
         self._cancelled: set[int] = set()
@@ -204,6 +213,39 @@ class GenerationBatch:
         """Stop ``request``; its rows leave the batch at the next step."""
         self._cancelled.add(request)
 
+    def absorb(self, other: GenerationBatch) -> dict[int, int]:
+        """Move ``other``'s live requests into this batch between two steps; their new ids.
+
+        Both batches must have run their prompts (one :meth:`step` each) and this one must not
+        be done. ``other``'s KV rows join this batch's cache, the shorter left-padded to the
+        longer, so each request continues exactly as it would have alone; ``other`` is empty
+        afterwards. Raises :class:`~hsae_runtime.kv_batch.UnsupportedCache`, changing
+        nothing, when the LM's cache layers cannot be padded (run the batches apart then).
+        """
+        same = other.lm is self.lm and other.sae is self.sae and other.hookpoint == self.hookpoint
+        if not same:
+            raise ValueError("absorb() joins batches of the same LM, SAE and hookpoint only")
+        self._drop_cancelled()
+        other._drop_cancelled()
+        if not other._live:
+            return {}
+        if self._pending is None or other._pending is None or not self._live:
+            raise ValueError("absorb() needs two running batches, each past its first step")
+        join_into(self._cache, other._cache)
+        offset, ids = len(self._specs), {}
+        for live in other._live:
+            ids[live.request] = self._next_id
+            self._next_id += 1
+            live.request, live.row = ids[live.request], live.row + offset
+            live.twin = None if live.twin is None else live.twin + offset
+            self._live.append(live)
+        self._specs += other._specs
+        self._pending += other._pending
+        other._live, other._specs, other._pending = [], [], None
+        other._cache = PrefixCache()
+        trim_padding(self._cache)
+        return ids
+
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[Step]:
         """One new token for every live request (the first call runs the prompts)."""
@@ -215,7 +257,7 @@ class GenerationBatch:
         logp = torch.log_softmax(logits.float(), dim=-1)
         steps, next_tokens, finished = [], [0] * len(self._specs), []
         for live in self._live:
-            req = self.requests[live.request]
+            req = live.req
             token = self._sample(logits[live.row], req, live.generator)
             live.new_ids.append(token)
             step = self._describe(live, req, token, logp)
@@ -234,9 +276,7 @@ class GenerationBatch:
     def _next_inputs(self) -> tuple[Tensor, Tensor, Tensor]:
         """``input_ids``, ``attention_mask``, ``positions`` ``[R, T]`` of the next forward."""
         if self._pending is None:  # prefill: left-pad the prompts
-            prompts = [
-                list(self.requests[self._request_of(r)].prompt_ids) for r in range(len(self._specs))
-            ]
+            prompts = [list(self._request_at(r).prompt_ids) for r in range(len(self._specs))]
             t = max(len(p) for p in prompts)
             pad = getattr(self.lm.tokenizer, "pad_token_id", None) or 0
             ids = torch.tensor([[pad] * (t - len(p)) + p for p in prompts], dtype=torch.long)
@@ -249,10 +289,10 @@ class GenerationBatch:
         positions = self._cache.mask.sum(-1, keepdim=True).to(ids.device)  # (R, 1)
         return ids, mask, positions
 
-    def _request_of(self, row: int) -> int:
+    def _request_at(self, row: int) -> GenerationRequest:
         for live in self._live:
             if row in (live.row, live.twin):
-                return live.request
+                return live.req
         raise AssertionError(f"model row {row} has no request")
 
     def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor) -> Tensor:
@@ -285,7 +325,7 @@ class GenerationBatch:
     def _keep_last_codes(self, spliced: Tensor, code: SparseCode) -> None:
         flat_index = spliced.flatten().cumsum(0).reshape(spliced.shape) - 1  # (R, T)
         for live in self._live:
-            if not self.requests[live.request].return_code or not bool(spliced[live.row, -1]):
+            if not live.req.return_code or not bool(spliced[live.row, -1]):
                 continue
             n = int(flat_index[live.row, -1])
             keep = code.indices[n] >= 0
@@ -348,6 +388,7 @@ class GenerationBatch:
             assert self._cache.mask is not None
             self._cache.mask = self._cache.mask[index]
             self._pending = [self._pending[r] for r in rows]
+            trim_padding(self._cache)
         renumber = {old: new for new, old in enumerate(rows)}
         self._specs = [self._specs[r] for r in rows]
         for live in keep_live:

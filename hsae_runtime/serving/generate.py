@@ -6,12 +6,16 @@
 * :class:`GenerateJob` is one call in progress: the worker puts its steps on a queue that the
   handler thread streams from; :meth:`GenerateJob.cancel` (the client went away) frees its
   place.
-* :class:`GenerationScheduler` lives on the batcher's worker thread: each :meth:`turn` either
-  starts the requests that arrived since the last turn as one new
-  :class:`~hsae_runtime.generation.GenerationBatch` (their prompts run together) or adds one
-  token to every request of the next running batch, round-robin. The worker runs a turn
-  between two encode batches, so encode traffic waits for at most one generation step.
-  At most ``max_generations`` requests are in progress; more get RESOURCE_EXHAUSTED.
+* :class:`GenerationScheduler` lives on the batcher's worker thread and does continuous
+  batching: each :meth:`turn` either runs the prompts of the requests that arrived since the
+  last turn, together, as a new :class:`~hsae_runtime.generation.GenerationBatch` and merges
+  it into the running batch (:meth:`~hsae_runtime.generation.GenerationBatch.absorb`), or
+  adds one token to every running request. Turns alternate when requests keep arriving, so
+  the running requests advance at least every other turn. Finished and cancelled requests
+  leave the batch before its next step. An LM whose KV cache cannot be padded keeps the
+  newcomers as a batch of their own, and the batches take turns (round-robin). The worker
+  runs a turn between two encode batches, so encode traffic waits for at most one generation
+  step. At most ``max_generations`` requests are in progress; more get RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import numpy as np
 
 from hsae_runtime.errors import InputError
 from hsae_runtime.generation import GenerationBatch, GenerationRequest, Step
+from hsae_runtime.kv_batch import UnsupportedCache
 from hsae_runtime.lm import LoadedLM
 from hsae_runtime.serving.errors import CancelledError, QueueFullError, ShuttingDownError
 from hsae_runtime.serving.limits import DEFAULT_MAX_NEW_TOKENS
@@ -149,7 +154,8 @@ class GenerateJob:
 @dataclass
 class _Running:
     batch: GenerationBatch
-    jobs: list[GenerateJob]
+    jobs: dict[int, GenerateJob]
+    """The jobs of the batch's live requests, by request id."""
 
 
 class GenerationScheduler:
@@ -172,6 +178,7 @@ class GenerationScheduler:
         self._running: deque[_Running] = deque()
         self._live = 0  # waiting + running, for the cap
         self._closed = False
+        self._prefilled_last = False  # the last turn ran prompts: the next steps the batch
 
     @property
     def live(self) -> int:
@@ -194,22 +201,34 @@ class GenerationScheduler:
     def has_work(self) -> bool:
         return bool(self._waiting or self._running)
 
+    @property
+    def running_batches(self) -> int:
+        """Generation batches in progress (1 with continuous batching, 0 when idle)."""
+        return len(self._running)
+
     def turn(self) -> None:
-        """Start the waiting requests as one batch, or step the next running batch."""
-        with self._lock:
-            waiting, self._waiting = self._waiting, []
+        """Run the waiting requests' prompts and merge them in, or step the running batch."""
+        waiting: list[GenerateJob] = []
+        if not (self._prefilled_last and self._running):
+            with self._lock:
+                waiting, self._waiting = self._waiting, []
+        self._prefilled_last = bool(waiting)
         if waiting:
             self._start(waiting)
         elif self._running:
-            running = self._running.popleft()
-            if self._step(running):
-                self._running.append(running)
+            running = self._running[0]
+            alive = self._step(running)
+            if self._running and self._running[0] is running:  # close() may have emptied it
+                if alive:
+                    self._running.rotate(-1)
+                else:
+                    self._running.popleft()
 
     def close(self) -> None:
         """Fail every request in progress (the server is stopping)."""
         with self._lock:
             self._closed = True
-            jobs = [*self._waiting, *(j for r in self._running for j in r.jobs)]
+            jobs = [*self._waiting, *(j for r in self._running for j in r.jobs.values())]
             self._waiting, self._running = [], deque()
         for job in jobs:
             job.out.put(ShuttingDownError("the server is shutting down"))
@@ -229,28 +248,44 @@ class GenerationScheduler:
             for job in jobs:  # find the bad one: start each alone
                 self._start([job])
             return
-        running = _Running(batch, jobs)
+        running = _Running(batch, dict(enumerate(jobs)))
         if self._step(running):
-            self._running.append(running)
+            self._merge(running)
+
+    def _merge(self, new: _Running) -> None:
+        """Join ``new`` (past its prompts) into the running batch, or queue it beside."""
+        target = self._running[-1] if self._running else None
+        if target is not None:
+            try:
+                ids = target.batch.absorb(new.batch)
+            except UnsupportedCache as err:
+                log.debug("generation batches run apart: %s", err)
+            else:
+                target.jobs.update((ids[old], job) for old, job in new.jobs.items() if old in ids)
+                return
+        self._running.append(new)
 
     def _step(self, running: _Running) -> bool:
         """One step of ``running`` (the first runs the prompts); False once it is over."""
-        for i, job in enumerate(running.jobs):
-            if job.cancelled.is_set() and i in running.batch.active:
-                running.batch.cancel(i)
+        for request, job in list(running.jobs.items()):
+            if job.cancelled.is_set():
+                running.batch.cancel(request)
+                del running.jobs[request]
                 self._release(1)
         start = time.perf_counter()
         lm_before, sae_before = running.batch.lm_seconds, running.batch.sae_seconds
         try:
             steps = running.batch.step()
         except Exception as err:  # noqa: BLE001 - the batch's requests fail, nothing else
-            self._fail([running.jobs[i] for i in running.batch.active], err)
+            self._fail(list(running.jobs.values()), err)
+            running.jobs.clear()
             return False
         for step in steps:
             job = running.jobs[step.request]
             job.out.put(step)
             if step.finish_reason:
                 job.out.put(_DONE)
+                del running.jobs[step.request]
                 self._release(1)
         if self.metrics is not None and steps:
             self.metrics.observe_generation_step(

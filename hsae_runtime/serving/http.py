@@ -5,6 +5,7 @@ route                    does
 =======================  ==========================================================
 ``GET /v1/info``         ``Info``
 ``POST /v1/encode``      ``Encode`` (text, token ids or activations -> sparse code)
+``POST /v1/encode/raw``  ``Encode`` of raw activation bytes (:mod:`.http_raw`)
 ``POST /v1/decode``      ``Decode`` (code -> reconstructions)
 ``POST /v1/generate``    ``Generate``; ``"stream": true`` answers server-sent events
 ``GET /healthz``         200 while the process runs (no token needed)
@@ -48,6 +49,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hsae_runtime.errors import InputError
 from hsae_runtime.serving import http_models as m
+from hsae_runtime.serving import http_raw
 from hsae_runtime.serving.errors import AuthError, OversizeError, http_status_for
 from hsae_runtime.serving.limits import ServingLimits
 from hsae_runtime.serving.metrics import ServerMetrics
@@ -247,6 +249,10 @@ def create_app(
             return m.decode_response_from_pb(answer, body.binary)
 
         return run("POST /v1/decode", work)
+
+    http_raw.add_route(
+        app, lambda req: _undecorated(servicer, "Encode")(req, CallContext()), run, auth, errors
+    )
 
     sse = {"text/event-stream": {"schema": {"type": "string"}}}
     generate_responses: dict[int | str, dict[str, Any]] = {
