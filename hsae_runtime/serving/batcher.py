@@ -32,9 +32,9 @@ before every chunk; a failing chunk fails only its own job.
 
 Generation (the Generate RPC) takes turns with them: with a
 :class:`~hsae_runtime.serving.generate.GenerationScheduler`, each turn of the worker also runs
-one generation step (the prompts of newly arrived requests, or one token for every request of
-a running generation batch), so encode traffic waits for at most one step, and the worker
-polls instead of blocking while generations are in progress.
+one generation step (the prompts of newly arrived requests, which then join the running
+generation batch, or one token for every running request), so encode traffic waits for at most
+one step, and the worker polls instead of blocking while generations are in progress.
 
 If a batch fails, its jobs are retried one by one so one bad job cannot fail its neighbours.
 One worker (not a pool) because the models are shared and a single CPU/GPU stream is the
