@@ -7,4 +7,6 @@ shards), :mod:`.topn` and :mod:`.stats` (vectorised per-budget statistics read o
 :mod:`.records` (one JSON-ready record per latent), :mod:`.report` (``DIR/index.html``),
 :mod:`.export` (Neuronpedia batches per budget), :mod:`.labels` (short latent labels for
 ``encode``) and :mod:`.build` (the whole ``hsae-runtime features`` pipeline).
+:mod:`.absorption` measures first-letter feature absorption per budget (with the linear
+probes of :mod:`.probes`).
 """

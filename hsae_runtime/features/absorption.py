@@ -12,10 +12,10 @@ The recipe (SAEBench ``sae_bench/evals/absorption``, version 0.6.0; parameters i
    find the token by tokenising the prompt up to the word, so any tokenizer works).
 2. A ground-truth probe: 26 one-vs-rest logistic regressions on the residual (Adam, lr 1e-2
    decaying to 1e-5, weight decay 1e-4, 50 epochs, class-balanced BCE).
-3. Per budget k, the SAE code at k (a dense ``[N, d_sae]`` view of the top-k code): an
-   L1-penalised multi-probe on the latents (L1 0.01, 50 epochs) ranks latents per letter; for
-   k_probe = 1..10 a class-balanced logistic regression on the top-k_probe latents (sklearn's
-   objective, C = 1, solved by L-BFGS) is scored by F1 on the test words. The letter's *main
+3. Per budget k, the SAE code at k: an L1-penalised multi-probe on the latents (L1 0.01, 50
+   epochs, computed on the sparse code) ranks latents per letter; for k_probe = 1..10 a
+   class-balanced logistic regression on the top-k_probe latents (sklearn's objective, C = 1,
+   solved by Newton's method) is scored by F1 on the test words. The letter's *main
    latents* are those of the largest k_probe reached while each step gains > 0.03 F1.
 4. For test words the probe gets right (answer letter, probe score > 0): the absorption
    fraction (how much of the probe projection that the main latents miss is carried by at most
@@ -30,7 +30,6 @@ Shapes: ``N`` words, ``d_in``, ``d_sae``, 26 letters.
 from __future__ import annotations
 
 import logging
-import math
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -39,8 +38,9 @@ import torch
 from torch import Tensor
 
 from hsae_runtime.errors import DataError
+from hsae_runtime.features.probes import fit_balanced_logistic, train_multi_probe
 from hsae_runtime.lm import LoadedLM, capture
-from hsae_runtime.sae import SAE
+from hsae_runtime.sae import SAE, SparseCode
 
 logger = logging.getLogger(__name__)
 
@@ -104,106 +104,62 @@ def _prompt(word: str, pool: list[str], cfg: AbsorptionConfig, rng: random.Rando
     return head + before + word + after, head + before + word
 
 
+def build_prompts(words: list[str], cfg: AbsorptionConfig, rng: random.Random
+                  ) -> list[tuple[str, str]]:
+    """Each word's ICL prompt (examples drawn from ``words``), as :func:`_prompt` returns it."""
+    return [_prompt(w, words, cfg, rng) for w in words]
+
+
 @torch.inference_mode()
-def word_data(lm: LoadedLM, hookpoint: str, words: list[str], cfg: AbsorptionConfig,
-              rng: random.Random, *, progress: bool = True) -> WordData:
-    """Residuals of ``words`` at their token in their prompts (a word that does not stay one
-    token inside its prompt is dropped)."""
+def word_residuals(lm: LoadedLM, hookpoint: str, words: list[str],
+                   prompts: list[tuple[str, str]], cfg: AbsorptionConfig, *,
+                   progress: bool = True) -> WordData:
+    """Residuals of ``words`` at their token in their ``prompts`` (from :func:`build_prompts`);
+    a word that does not stay one token inside its prompt is dropped, the others keep their
+    order.
+
+    Prompts are run in batches of ``cfg.lm_batch`` grouped by token length, so a batch is
+    padded only where lengths differ (never, for Gemma's tokenizer: every prompt has the same
+    length); right padding under the attention mask leaves the real positions unchanged.
+    """
     from tqdm.auto import tqdm
 
     tok = lm.tokenizer
-    prompts = [_prompt(w, words, cfg, rng) for w in words]
-    kept_words, rows = [], []
+    enc = tok([p for p, _ in prompts])["input_ids"]
+    ends = [len(h) - 1 for h in tok([h for _, h in prompts])["input_ids"]]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    order = sorted(range(len(words)), key=lambda i: len(enc[i]))
+    got: dict[int, Tensor] = {}
     bar = tqdm(total=len(words), desc="absorption: LM", unit="word", disable=not progress)
-    for start in range(0, len(words), cfg.lm_batch):
-        batch_words = words[start : start + cfg.lm_batch]
-        pairs = prompts[start : start + len(batch_words)]
-        enc = [tok(p)["input_ids"] for p, _ in pairs]
-        ends = [len(tok(h)["input_ids"]) - 1 for _, h in pairs]
-        width = max(len(e) for e in enc)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        ids = torch.tensor([e + [pad] * (width - len(e)) for e in enc])
-        mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in enc])
+    for start in range(0, len(order), cfg.lm_batch):
+        batch = order[start : start + cfg.lm_batch]
+        width = max(len(enc[i]) for i in batch)
+        ids = torch.tensor([enc[i] + [pad] * (width - len(enc[i])) for i in batch])
+        mask = torch.tensor([[1] * len(enc[i]) + [0] * (width - len(enc[i])) for i in batch])
         acts = capture(lm, hookpoint, ids, mask)  # (B, T, d_in)
-        for row, (word, e, at) in enumerate(zip(batch_words, enc, ends)):
-            if tok.decode([e[at]]) != word:
-                continue
-            kept_words.append(word)
-            rows.append(acts[row, at].float().cpu())
-        bar.update(len(batch_words))
+        for row, i in enumerate(batch):
+            if tok.decode([enc[i][ends[i]]]) == words[i]:
+                got[i] = acts[row, ends[i]].float().cpu()
+        bar.update(len(batch))
     bar.close()
-    if not rows:
-        raise DataError("no word stayed one token inside its prompt",
-                        hint="the tokenizer splits the words of its own vocabulary differently")
-    letters = torch.tensor([LETTERS.index(w.strip()[0].lower()) for w in kept_words])
-    return WordData(kept_words, torch.stack(rows), letters)
+    kept = sorted(got)
+    kept_words = [words[i] for i in kept]
+    x = torch.stack([got[i] for i in kept]) if kept else torch.zeros(0, lm.d_model)
+    letters = torch.tensor([LETTERS.index(w.strip()[0].lower()) for w in kept_words],
+                           dtype=torch.int64)
+    return WordData(kept_words, x, letters)
 
 
-def train_multi_probe(x: Tensor, y: Tensor, *, epochs: int, lr: float, weight_decay: float,
-                      batch_size: int, l1: float = 0.0, seed: int = 0,
-                      end_lr: float = 1e-5) -> tuple[Tensor, Tensor]:
-    """One-vs-rest logistic probes: ``x [N, d]``, ``y [N, C]`` in {0, 1} -> ``(W [C, d],
-    b [C])``; class-balanced BCE (pos_weight = negatives / positives), Adam with exponential
-    decay from ``lr`` to ``end_lr``, optional L1 on the weights."""
-    gen = torch.Generator().manual_seed(seed)
-    n, d = x.shape
-    c = y.shape[1]
-    layer = torch.nn.Linear(d, c)
-    with torch.no_grad():
-        bound = 1 / math.sqrt(d)
-        layer.weight.uniform_(-bound, bound, generator=gen)
-        layer.bias.uniform_(-bound, bound, generator=gen)
-    pos = y.sum(0)
-    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=(n - pos) / pos.clamp_min(1))
-    opt = torch.optim.Adam(layer.parameters(), lr=lr, weight_decay=weight_decay)
-    gamma = math.exp(math.log(end_lr / lr) / epochs)
-    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=gamma)
-    with torch.enable_grad():
-        for _ in range(epochs):
-            order = torch.randperm(n, generator=gen)
-            for start in range(0, n, batch_size):
-                idx = order[start : start + batch_size]
-                opt.zero_grad()
-                loss = loss_fn(layer(x[idx]), y[idx])
-                if l1:
-                    loss = loss + l1 * layer.weight.abs().sum(-1).mean()
-                loss.backward()
-                opt.step()
-            sched.step()
-    return layer.weight.detach(), layer.bias.detach()
+def concat_words(parts: list[WordData]) -> WordData:
+    """One :class:`WordData` from several (in order)."""
+    return WordData([w for p in parts for w in p.words], torch.cat([p.x for p in parts]),
+                    torch.cat([p.letter for p in parts]))
 
 
-def fit_balanced_logistic(x: Tensor, y: Tensor, c: float = 1.0) -> tuple[Tensor, Tensor]:
-    """Independent binary logistic regressions, one per problem: ``x [P, N, k]``, ``y [P, N]``
-    (bool) -> ``(w [P, k], b [P])`` minimising sklearn's ``C · Σ sw_i · logloss_i + ½‖w‖²``
-    with balanced sample weights (L-BFGS, float64)."""
-    x, y = x.double(), y.double()
-    p, n, k = x.shape
-    pos = y.sum(1, keepdim=True)
-    sw = torch.where(y > 0, n / (2 * pos.clamp_min(1)), n / (2 * (n - pos).clamp_min(1)))
-    w = torch.zeros(p, k, dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(p, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=500, tolerance_grad=1e-8,
-                            line_search_fn="strong_wolfe")
-    sign = 2 * y - 1
-
-    def closure() -> Tensor:
-        opt.zero_grad()
-        z = torch.einsum("pnk,pk->pn", x, w) + b[:, None]
-        loss = c * (sw * torch.nn.functional.softplus(-sign * z)).sum() + 0.5 * (w * w).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    return w.detach(), b.detach()
-
-
-def dense_code(sae: SAE, x: Tensor, k: int) -> Tensor:
-    """``[N, d_sae]`` latent activations of the top-k code of ``x [N, d_in]``."""
-    with torch.inference_mode():
-        code = sae.encode(x, k)
-    out = torch.zeros(len(x), sae.config.d_sae)
+def dense_code(code: SparseCode, d_sae: int) -> Tensor:
+    """``[N, d_sae]`` latent activations of a code ``[N, k]`` (the probes on k ≤ 10 chosen
+    latents and the per-word absorption rules read columns of it)."""
+    out = torch.zeros(code.values.shape[0], d_sae)
     return out.scatter_(1, code.indices, code.values.float())
 
 
@@ -213,13 +169,15 @@ def _f1(pred: Tensor, truth: Tensor) -> float:
     return 2 * tp / denom if denom else 0.0
 
 
-def main_latents(train_acts: Tensor, train_y: Tensor, test_acts: Tensor, test_y: Tensor,
-                 cfg: AbsorptionConfig) -> list[list[int]]:
-    """Per letter, its main latents (k-sparse probing with the F1-jump rule)."""
+def main_latents(train_code: SparseCode, train_y: Tensor, test_code: SparseCode,
+                 test_y: Tensor, d_sae: int, cfg: AbsorptionConfig) -> list[list[int]]:
+    """Per letter, its main latents (k-sparse probing with the F1-jump rule) from the codes
+    ``[N, k]`` of the train and test words."""
     onehot = torch.nn.functional.one_hot(train_y, 26).float()
-    w, _ = train_multi_probe(train_acts, onehot, epochs=cfg.probe_epochs, lr=cfg.probe_lr,
+    w, _ = train_multi_probe(train_code, onehot, epochs=cfg.probe_epochs, lr=cfg.probe_lr,
                              weight_decay=cfg.sparse_weight_decay, batch_size=cfg.batch_size,
-                             l1=cfg.sparse_l1, seed=cfg.seed)
+                             l1=cfg.sparse_l1, seed=cfg.seed, width=d_sae)
+    train_acts, test_acts = dense_code(train_code, d_sae), dense_code(test_code, d_sae)
     ranked = w.topk(cfg.max_k_value, dim=1).indices  # (26, max_k)
     truth_train = train_y[None, :] == torch.arange(26)[:, None]  # (26, N)
     truth_test = test_y[None, :] == torch.arange(26)[:, None]
@@ -271,6 +229,13 @@ def absorption_scores(acts: Tensor, resid_proj: Tensor, cos: Tensor, main: list[
     return frac, full
 
 
+def encode_words(sae: SAE, train: WordData, test: WordData, k: int
+                 ) -> tuple[SparseCode, SparseCode]:
+    """The SAE's codes ``[N, k]`` of the train and test residuals."""
+    with torch.no_grad():  # not inference_mode: the sparse probe's backward reads the values
+        return sae.encode(train.x, k), sae.encode(test.x, k)
+
+
 def ground_truth_probe(train: WordData, cfg: AbsorptionConfig) -> tuple[Tensor, Tensor]:
     """The 26 first-letter probes on the residual: ``(W [26, d_in], b [26])``."""
     onehot = torch.nn.functional.one_hot(train.letter, 26).float()
@@ -281,11 +246,20 @@ def ground_truth_probe(train: WordData, cfg: AbsorptionConfig) -> tuple[Tensor, 
 
 def absorption_at_budget(sae: SAE, k: int, train: WordData, test: WordData,
                          probe: tuple[Tensor, Tensor], probe_f1: list[float],
-                         cfg: AbsorptionConfig) -> dict[str, Any]:
-    """SAEBench's absorption metrics of ``sae`` at budget ``k`` (see the module docstring)."""
+                         cfg: AbsorptionConfig,
+                         codes: tuple[SparseCode, SparseCode] | None = None) -> dict[str, Any]:
+    """SAEBench's absorption metrics of ``sae`` at budget ``k`` (see the module docstring).
+
+    ``codes``: the SAE's codes of ``train.x`` and ``test.x`` at a budget ≥ k (their prefixes
+    are the codes at k), to encode once for several budgets; encoded here when ``None``.
+    """
     w, b = probe
-    train_acts, test_acts = dense_code(sae, train.x, k), dense_code(sae, test.x, k)
-    main = main_latents(train_acts, train.letter, test_acts, test.letter, cfg)
+    if codes is None:
+        codes = encode_words(sae, train, test, k)
+    train_code, test_code = (c.prefix(k) for c in codes)
+    d_sae = sae.config.d_sae
+    main = main_latents(train_code, train.letter, test_code, test.letter, d_sae, cfg)
+    test_acts = dense_code(test_code, d_sae)
     unit = w / w.norm(dim=1, keepdim=True)  # (26, d_in)
     w_dec = sae.W_dec.detach().float()
     cos = unit @ (w_dec / w_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)).T  # (26, d_sae)
@@ -315,18 +289,33 @@ def absorption_at_budget(sae: SAE, k: int, train: WordData, test: WordData,
             "per_letter": [p for p in per_letter if p is not None]}
 
 
-def prepare_words(lm: LoadedLM, hookpoint: str, cfg: AbsorptionConfig, *, progress: bool = True
-                  ) -> tuple[WordData, WordData]:
-    """Train and test words with their residuals (SAEBench's 80/20 split of the alpha tokens)."""
+def split_words(tokenizer: Any, cfg: AbsorptionConfig
+                ) -> tuple[list[str], list[str], list[tuple[str, str]], list[tuple[str, str]]]:
+    """SAEBench's seeded 80/20 split of the alpha tokens (sampled to ``cfg.n_words``) and each
+    word's prompt: ``(train words, test words, train prompts, test prompts)``."""
     rng = random.Random(cfg.seed)
-    words = alpha_tokens(lm.tokenizer)
+    words = alpha_tokens(tokenizer)
     rng.shuffle(words)
     if cfg.n_words is not None:
         words = words[: cfg.n_words]
     cut = int(len(words) * cfg.train_fraction)
-    train = word_data(lm, hookpoint, words[:cut], cfg, rng, progress=progress)
-    test = word_data(lm, hookpoint, words[cut:], cfg, rng, progress=progress)
-    return train, test
+    train, test = words[:cut], words[cut:]
+    return train, test, build_prompts(train, cfg, rng), build_prompts(test, cfg, rng)
+
+
+def prepare_words(lm: LoadedLM, hookpoint: str, cfg: AbsorptionConfig, *, progress: bool = True
+                  ) -> tuple[WordData, WordData]:
+    """Train and test words with their residuals (SAEBench's 80/20 split of the alpha tokens)."""
+    train_w, test_w, train_p, test_p = split_words(lm.tokenizer, cfg)
+    out = []
+    for words, prompts in ((train_w, train_p), (test_w, test_p)):
+        data = word_residuals(lm, hookpoint, words, prompts, cfg, progress=progress)
+        if not data.words:
+            raise DataError("no word stayed one token inside its prompt",
+                            hint="the tokenizer splits the words of its own vocabulary "
+                                 "differently")
+        out.append(data)
+    return out[0], out[1]
 
 
 def probe_f1(test: WordData, probe: tuple[Tensor, Tensor]) -> list[float]:
