@@ -89,7 +89,12 @@ def main() -> None:
                         help="start no new LM chunk after this many minutes")
     parser.add_argument("--lm-batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--from-json", default=None,
+                        help="only print the tables of a JSON this script wrote")
     args = parser.parse_args()
+    if args.from_json:
+        print_tables(json.loads(Path(args.from_json).read_text()))
+        return
     paths = sorted(Path(args.models).glob("*.safetensors"))
     if not paths:
         print(f"skipped: no model files in {args.models}")
@@ -156,17 +161,58 @@ def main() -> None:
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "results": results}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
-    print(f"\n# {len(train.words)} train / {len(test.words)} test words, ground-truth probe F1 "
-          f"mean {sum(f1) / 26:.3f}, {out['letters_with_probe_f1_ge_min']} letters >= "
-          f"{cfg.min_probe_f1}; LM {lm_s:.0f} s, SAEs {sae_s:.0f} s; {out['date']}")
-    print("| SAE | k | letters | mean absorption fraction | mean full absorption | "
-          "main latents / letter |")
-    print("|---|---|---|---|---|---|")
+    print_tables(out)
+
+
+_METRICS = (("absorption fraction", "mean_absorption_fraction"),
+            ("full absorption", "full_absorption_rate"),
+            ("main latents / letter", "num_split_features"))
+
+
+def _used(result: dict, min_f1: float) -> dict[str, dict]:
+    return {p["letter"]: p for p in result["per_letter"] if p["probe_f1"] >= min_f1}
+
+
+def _mean_se(values: list[float]) -> str:
+    """``mean ± standard error`` over letters (letters as the sampling unit)."""
+    n = len(values)
+    if n == 0:
+        return "n/a"
+    mean = sum(values) / n
+    se = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else math.nan
+    return f"{mean:.3f} ± {se:.3f}"
+
+
+def print_tables(out: dict) -> None:
+    """The results table (mean ± s.e. over the letters that pass the filter) and, per TopK SAE,
+    the HTopK SAE at the same budget minus it, paired by letter."""
+    min_f1 = out["config"]["min_probe_f1"]
+    results = out["results"]
+    print(f"\n# {out['train_words']} train / {out['test_words']} test words, ground-truth probe "
+          f"F1 mean {sum(out['probe_f1']) / 26:.3f}, {out['letters_with_probe_f1_ge_min']} "
+          f"letters >= {min_f1}; LM {out['lm_seconds']:.0f} s, SAEs {out['sae_seconds']:.0f} s; "
+          f"{out['date']}")
+    print("| SAE | k | letters | " + " | ".join(m for m, _ in _METRICS) + " | s |")
+    print("|---|---|---|" + "---|" * (len(_METRICS) + 1))
     for name, rows in results.items():
         for r in rows:
-            print(f"| {name} | {r['budget']} | {r['letters']} | "
-                  f"{r['mean_absorption_fraction']:.4f} | {r['mean_full_absorption_rate']:.4f} "
-                  f"| {r['mean_num_split_features']:.2f} |")
+            used = _used(r, min_f1)
+            cells = [_mean_se([p[key] for p in used.values()]) for _, key in _METRICS]
+            print(f"| {name} | {r['budget']} | {len(used)} | " + " | ".join(cells)
+                  + f" | {r.get('seconds', math.nan):.0f} |")
+    htopk = [n for n, rows in results.items() if len(rows) > 1]
+    if not htopk:
+        return
+    by_k = {r["budget"]: r for r in results[htopk[0]]}
+    print(f"\n| {htopk[0]} minus | k | letters | " + " | ".join(m for m, _ in _METRICS) + " |")
+    print("|---|---|---|" + "---|" * len(_METRICS))
+    for name, rows in results.items():
+        if name in htopk or rows[0]["budget"] not in by_k:
+            continue
+        mine, theirs = _used(by_k[rows[0]["budget"]], min_f1), _used(rows[0], min_f1)
+        both = sorted(set(mine) & set(theirs))
+        cells = [_mean_se([mine[c][key] - theirs[c][key] for c in both]) for _, key in _METRICS]
+        print(f"| {name} | {rows[0]['budget']} | {len(both)} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
