@@ -266,3 +266,18 @@ def test_training_validates_and_writes_best_checkpoint(tiny_lm_dir, tiny_text_fi
     assert result.best_step == result.validation[losses.index(min(losses))]["step"]
     meta = SAE.load(cfg.out).config.training
     assert meta["best_step"] == result.best_step and meta["val_fraction"] == 0.2
+
+
+def test_lr_auto_is_a_width_rule_that_reads_no_data():
+    """``--lr auto`` uses no text at all (so it cannot look at eval documents): the anchor
+    chosen on validation documents, scaled by 1/sqrt(width)."""
+    from hsae_runtime.training.config import AUTO_LR_REFERENCE, auto_lr
+
+    lr_ref, d_ref = AUTO_LR_REFERENCE
+    assert auto_lr(d_ref) == pytest.approx(lr_ref)
+    assert auto_lr(4 * d_ref) == pytest.approx(lr_ref / 2)
+    a = TrainConfig(lm="x", hookpoint="h", data="train.txt", d_sae=8192, k_max=64)
+    b = replace(a, data="other.txt", val_data="val.txt")
+    assert a.lr == "auto" and a.peak_lr == b.peak_lr == pytest.approx(auto_lr(8192))
+    assert TrainConfig(lm="x", hookpoint="h", data="t", d_sae=8192, k_max=64, lr=1e-3).peak_lr \
+        == 1e-3
