@@ -88,6 +88,8 @@ def main() -> None:
     parser.add_argument("--server-only", action="store_true",
                         help="only the concurrent-streams table (implies --server-streams)")
     parser.add_argument("--server-repeats", type=int, default=2)
+    parser.add_argument("--stagger-ms", type=float, default=0.0,
+                        help="stream i starts i * this after the first (arrivals mid-generation)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sae = SAE.load(args.sae).requires_grad_(False)
@@ -178,7 +180,9 @@ def server_streams(args: argparse.Namespace, prompt: list[int], lm: LoadedLM, sa
     running batch); the same with merging switched off (``absorb`` refused: the scheduler's
     fallback, batches of the requests that arrived together take turns); and, as the bound,
     the same requests as one ``GenerationBatch`` in this process (prompts included, no
-    server). The configurations alternate, best of ``--server-repeats`` each.
+    server). The configurations alternate, best of ``--server-repeats`` each. With
+    ``--stagger-ms``, stream ``i`` starts ``i`` times that after the first, so the streams
+    arrive while the first ones generate (the case continuous batching is for).
     """
     import threading
     from concurrent.futures import ThreadPoolExecutor
@@ -200,6 +204,7 @@ def server_streams(args: argparse.Namespace, prompt: list[int], lm: LoadedLM, sa
         with Client(running.address, timeout=3600) as client:
 
             def one_stream(seed: int) -> int:
+                time.sleep(seed * args.stagger_ms / 1e3)
                 tokens = client.generate(tokens=prompt, budget=args.budget, max_new_tokens=n,
                                          temperature=1.0, seed=seed)
                 return sum(1 for _ in tokens)

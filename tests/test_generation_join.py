@@ -215,3 +215,33 @@ def test_scheduler_alternates_prompts_and_steps_under_steady_arrivals(lm, sae):
         counts.append(first.out.qsize())
     assert counts[-1] >= 3  # the prompt's token, then a step at least every other turn
     assert scheduler.running_batches == 1
+
+
+@pytest.mark.parametrize("failure", ["unsupported", "bug"])
+def test_scheduler_without_a_merge_still_serves(lm, sae, monkeypatch, failure):
+    """A cache that cannot be joined keeps the newcomers apart (batches take turns); a merge
+    that breaks fails only the newcomers. Either way the running request finishes as alone."""
+    from hsae_runtime.kv_batch import UnsupportedCache
+
+    def refuse(self, other):
+        raise UnsupportedCache("test") if failure == "unsupported" else RuntimeError("test bug")
+
+    monkeypatch.setattr(GenerationBatch, "absorb", refuse)
+    scheduler = GenerationScheduler(lm, sae, TINY_HOOKPOINT, max_generations=8)
+    reqs = [request(lm, SHORT, n=6), request(lm, MEDIUM, n=5)]
+    jobs = [GenerateJob(r) for r in reqs]
+    scheduler.submit(jobs[0])
+    scheduler.turn()
+    scheduler.submit(jobs[1])
+    scheduler.turn()  # a step of the first (the turn after a prompt turn)
+    scheduler.turn()  # the newcomer's prompt; the merge is refused
+    assert scheduler.running_batches == (2 if failure == "unsupported" else 1)
+    while scheduler.has_work():
+        scheduler.turn()
+    assert scheduler.live == 0
+    assert_same(drain(jobs[0]), alone(lm, sae, reqs[0]))
+    if failure == "unsupported":
+        assert_same(drain(jobs[1]), alone(lm, sae, reqs[1]))
+    else:
+        with pytest.raises(RuntimeError, match="test bug"):
+            list(jobs[1].steps(poll_s=0.01))

@@ -260,6 +260,10 @@ class GenerationScheduler:
                 ids = target.batch.absorb(new.batch)
             except UnsupportedCache as err:
                 log.debug("generation batches run apart: %s", err)
+            except Exception as err:  # noqa: BLE001 - the newcomers fail, the worker goes on
+                log.exception("could not merge a generation batch into the running one")
+                self._fail(list(new.jobs.values()), err)
+                return
             else:
                 target.jobs.update((ids[old], job) for old, job in new.jobs.items() if old in ids)
                 return
