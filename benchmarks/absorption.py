@@ -97,6 +97,8 @@ def main() -> None:
                              "~1,400 Adam steps in 50 epochs; on a sample of N train words, "
                              "about N / 27 gives as many steps)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--probe-seed", type=int, default=None,
+                        help="retrain the probes with another seed on the same words")
     parser.add_argument("--from-json", default=None,
                         help="only print the tables of a JSON this script wrote")
     args = parser.parse_args()
@@ -125,7 +127,7 @@ def main() -> None:
     assert len(hookpoints) == 1, f"the SAEs read different hookpoints: {hookpoints}"
     hookpoint = str(hookpoints.pop())
     cfg = AbsorptionConfig(n_words=args.n_words, lm_batch=args.lm_batch,
-                           batch_size=args.batch_size)
+                           batch_size=args.batch_size, probe_seed=args.probe_seed)
     lm = load_lm(args.lm, device="cpu")
     meta = {"lm": args.lm, "hookpoint": hookpoint, "chunk": args.chunk,
             **{k: v for k, v in asdict(cfg).items()

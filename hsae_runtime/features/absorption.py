@@ -57,6 +57,9 @@ class AbsorptionConfig:
     """Sample this many alpha tokens (None = all of them, as SAEBench)."""
     train_fraction: float = 0.8
     seed: int = 42
+    probe_seed: int | None = None
+    """Seed of the probes' initialisation and batch order (None = ``seed``): another value
+    retrains the probes on the same words, to see how much of a result is probe noise."""
     probe_epochs: int = 50
     probe_lr: float = 1e-2
     probe_weight_decay: float = 1e-4
@@ -80,6 +83,10 @@ class WordData:
     words: list[str]
     x: Tensor
     letter: Tensor
+
+
+def _probe_seed(cfg: AbsorptionConfig) -> int:
+    return cfg.seed if cfg.probe_seed is None else cfg.probe_seed
 
 
 def alpha_tokens(tokenizer: Any) -> list[str]:
@@ -176,7 +183,7 @@ def main_latents(train_code: SparseCode, train_y: Tensor, test_code: SparseCode,
     onehot = torch.nn.functional.one_hot(train_y, 26).float()
     w, _ = train_multi_probe(train_code, onehot, epochs=cfg.probe_epochs, lr=cfg.probe_lr,
                              weight_decay=cfg.sparse_weight_decay, batch_size=cfg.batch_size,
-                             l1=cfg.sparse_l1, seed=cfg.seed, width=d_sae)
+                             l1=cfg.sparse_l1, seed=_probe_seed(cfg), width=d_sae)
     train_acts, test_acts = dense_code(train_code, d_sae), dense_code(test_code, d_sae)
     ranked = w.topk(cfg.max_k_value, dim=1).indices  # (26, max_k)
     truth_train = train_y[None, :] == torch.arange(26)[:, None]  # (26, N)
@@ -241,7 +248,7 @@ def ground_truth_probe(train: WordData, cfg: AbsorptionConfig) -> tuple[Tensor, 
     onehot = torch.nn.functional.one_hot(train.letter, 26).float()
     return train_multi_probe(train.x, onehot, epochs=cfg.probe_epochs, lr=cfg.probe_lr,
                              weight_decay=cfg.probe_weight_decay, batch_size=cfg.batch_size,
-                             seed=cfg.seed)
+                             seed=_probe_seed(cfg))
 
 
 def absorption_at_budget(sae: SAE, k: int, train: WordData, test: WordData,
