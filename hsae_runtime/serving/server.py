@@ -289,7 +289,8 @@ def _start_side_ports(
     """Start the HTTP/JSON API and the ``/metrics`` endpoint where ``options`` ask for them."""
     http = metrics_server = None
     if options.http_port is not None:
-        from hsae_runtime.serving.http import HTTPServer, create_app
+        from hsae_runtime.serving.http import create_app
+        from hsae_runtime.serving.http_server import HTTPServer
 
         app = create_app(
             servicer,

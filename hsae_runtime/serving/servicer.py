@@ -285,7 +285,7 @@ class HSAEServicer(pb_grpc.HSAEServicer):
                 raise NotServedError(
                     "this server runs without a language model (--no-lm): Generate needs one"
                 )
-            from hsae_runtime.generation import check_request
+            from hsae_runtime.generation_request import check_request
 
             prompt = request.WhichOneof("prompt")
             if prompt is None:
