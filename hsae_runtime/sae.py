@@ -40,6 +40,7 @@ from hsae_runtime.format import TENSOR_NAMES, read_model, validate_tensors, writ
 from hsae_runtime.kernels import decode_cpu, linear_cpu
 from hsae_runtime.kernels.prefix_decode import prefix_decode
 from hsae_runtime.kernels.topk import masked_topk
+from hsae_runtime.refine import Readout, check_readout, fit_width, refine_values
 
 
 class SparseCode(NamedTuple):
@@ -71,6 +72,7 @@ class SAE(nn.Module):
         self.W_dec = nn.Parameter(torch.empty(config.d_sae, config.d_in, **kw))
         self.b_dec = nn.Parameter(torch.zeros(config.d_in, **kw))
         self._packed_encoder: linear_cpu.PackedLinear | None = None  # see pack_for_cpu_inference
+        self.readout: Readout = "encoder"  # see set_readout; a runtime choice, not in the file
         if self.W_dec.device.type != "meta":  # meta: the loader assigns the weights
             self.reset_parameters()
 
@@ -129,8 +131,18 @@ class SAE(nn.Module):
             x = x - self.b_dec
         return linear_cpu.addmm(self.b_enc, x, self.W_enc, self._packed_encoder)
 
+    def set_readout(self, readout: Readout) -> SAE:
+        """Choose how :meth:`encode` sets the code's values; returns ``self``.
+
+        ``encoder`` (the default, what every export computes): the pre-activations.
+        ``refine``: the same latents in the same order, values refitted per token to the
+        model's own prefix objective (:mod:`hsae_runtime.refine`).
+        """
+        self.readout = check_readout(readout)
+        return self
+
     def encode(self, x: Tensor, k: int | Tensor) -> SparseCode:
-        """Sorted top-k code of ``x [..., d_in]``.
+        """Sorted top-k code of ``x [..., d_in]`` (values set by :attr:`readout`).
 
         ``k`` is an int (values/indices ``[..., k]``) or a per-row tensor of budgets ``[N]``
         matching the flattened leading dims (values/indices ``[..., max(k)]``, each row's tail
@@ -145,9 +157,27 @@ class SAE(nn.Module):
         else:
             per_row = None
             k_top = self.check_budget(k)
-        pre = self.pre_activations(flat)  # (N, d_sae)
-        values, indices = masked_topk(pre, k_top, per_row)  # (N, k_top); Triton on CUDA
+        values, indices = self.code_rows(flat, k_top, per_row)  # (N, k_top)
         return SparseCode(values.reshape(*lead, k_top), indices.reshape(*lead, k_top))
+
+    def code_rows(self, flat: Tensor, k_top: int, per_row: Tensor | None = None) -> SparseCode:
+        """The sorted code ``[N, k_top]`` of validated rows ``flat [N, d_in]`` under
+        :attr:`readout`; ``per_row [N]`` masks each row past its own budget. No checks."""
+        pre = self.pre_activations(flat)  # (N, d_sae)
+        if self.readout == "encoder":
+            return SparseCode(*masked_topk(pre, k_top, per_row))  # Triton on CUDA
+        # The refit reads the code up to the last trained budget, so that a code at budget k
+        # is the first k entries of one refined code whatever k was asked for.
+        budgets = self.config.trained_budgets
+        width = max(k_top, fit_width(budgets))
+        values, indices = masked_topk(pre, width, None)  # (N, width)
+        with torch.no_grad():
+            values = refine_values(flat, values, indices, self.W_dec, self.b_dec, budgets)
+        values, indices = values[:, :k_top], indices[:, :k_top]
+        if per_row is not None:
+            keep = torch.arange(k_top, device=values.device) < per_row[:, None]  # (N, k_top)
+            values, indices = values.masked_fill(~keep, 0.0), indices.masked_fill(~keep, -1)
+        return SparseCode(values, indices)
 
     def encode_for_training(self, x: Tensor, k: int) -> SparseCode:
         """:meth:`encode` for an int ``k`` with a k-sparse backward (the lean training step).

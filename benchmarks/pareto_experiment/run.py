@@ -126,7 +126,7 @@ def run(s: Settings) -> dict[str, Any]:
     specs = {name: (objective, k) for name, objective, k in train_order(s)}
     for name in stats:
         t = time.perf_counter()
-        saes[name] = SAE.load(out / "models" / f"{name}.safetensors")
+        saes[name] = SAE.load(out / "models" / f"{name}.safetensors").set_readout(s.readout)
         fvu = eval_fvu(saes[name], eval_acts, list(s.eval_ks))
         results["fvu"][name] = {str(k): v for k, v in fvu.items()}
         results["objective"][name] = objective_by_part(

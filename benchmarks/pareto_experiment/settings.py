@@ -46,6 +46,7 @@ class Settings:
     aux_alpha: float | None = None
     prefix_balance: float | None = None
     b_dec_init: str | None = None
+    readout: str = "encoder"  # how code values are set at evaluation (hsae_runtime.refine)
     only: tuple[str, ...] | None = None  # train / evaluate only these SAEs (e.g. htopk64,topk8)
     seed: int = 0
     ce_tokens: int = 8192
@@ -107,6 +108,9 @@ def parse_args(argv: list[str] | None = None) -> Settings:
                    "(htopk64,topk8,...)")
     p.add_argument("--no-train", dest="train", action="store_false", default=None,
                    help="skip training and step timing; evaluate the models already in --out")
+    p.add_argument("--readout", choices=["encoder", "refine"],
+                   help="evaluate every SAE with this readout (default encoder; refine: values "
+                   "refitted per token to each SAE's own objective)")
     p.add_argument("--ce-mode", choices=["all", "claims"],
                    help="splice every SAE at every budget (all) or only the claims' pairs")
     a = p.parse_args(argv)

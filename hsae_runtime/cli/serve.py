@@ -35,6 +35,10 @@ def serve(
     port: int = typer.Option(DEFAULT_PORT, help="TCP port (0 = any free port)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     backend: str = typer.Option("torch", help="SAE backend: torch or onnx."),
+    readout: str = typer.Option(
+        "encoder", help="Code values: encoder (what exports compute) or refine (refitted per "
+        "token to the SAE's own objective; torch backend only; see docs/pareto.md).",
+    ),
     lm_dtype: str = typer.Option("float32", help="LM dtype: float32, float16 or bfloat16."),
     max_batch_tokens: int = typer.Option(
         BatcherConfig.max_batch_tokens, help="Most tokens in one batched forward."
@@ -89,6 +93,7 @@ def serve(
     ),
 ) -> None:
     """Serve an SAE over gRPC on a live LM: sparse codes at the budgets each request asks for."""
+    from hsae_runtime.refine import check_readout
     from hsae_runtime.serving.backend import BackendName
     from hsae_runtime.serving.server import ServerOptions, load_and_start, serve_forever
 
@@ -128,6 +133,7 @@ def serve(
         lm_dtype=lm_dtype,
         backend=backend_name,
         options=options,
+        readout=check_readout(readout),
     )
     serve_forever(running, grace=grace)
 

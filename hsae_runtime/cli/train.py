@@ -163,6 +163,10 @@ def eval_cmd(
     compare: list[Path] = typer.Option([], help="Another SAE file to compare with the first "
                                        "(repeatable; same as listing it after it)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    readout: str = typer.Option(
+        "encoder", help="Code values: encoder, or refine (refitted per token to each SAE's own "
+        "objective; see docs/pareto.md).",
+    ),
     include_special: bool = typer.Option(False, help="Include BOS/EOS/pad tokens."),
     keep_special: bool = typer.Option(
         False, "--keep-special/--no-keep-special", hidden=True,
@@ -180,6 +184,7 @@ def eval_cmd(
     """
     from hsae_runtime.errors import ConfigError
     from hsae_runtime.lm import load_lm, resolve_device
+    from hsae_runtime.refine import check_readout
     from hsae_runtime.sae import SAE
     from hsae_runtime.training.compare import compare_tables, model_table
     from hsae_runtime.training.evaluate import evaluate_many, plot_fvu
@@ -187,7 +192,8 @@ def eval_cmd(
     paths = [*models, *compare]
     names = _model_names(paths)
     dev = resolve_device(device)
-    saes = {name: SAE.load(path, device=dev) for name, path in zip(names, paths)}  # fail early
+    saes = {name: SAE.load(path, device=dev).set_readout(check_readout(readout))
+            for name, path in zip(names, paths)}  # fail early
     lm_name = lm or saes[names[0]].config.model_name
     if lm_name is None:
         raise ConfigError("the SAE file names no LM", hint="pass --lm")
@@ -200,6 +206,7 @@ def eval_cmd(
     main = results[names[0]]
     report = {
         "reference": names[0], "lm": lm_name, "hookpoint": main["hookpoint"], "data": data,
+        "readout": readout,
         "models": {name: {"path": str(path), **results[name]} for name, path in zip(names, paths)},
     }
     json_out.parent.mkdir(parents=True, exist_ok=True)

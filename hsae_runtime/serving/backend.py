@@ -29,7 +29,7 @@ from torch import Tensor
 from hsae_runtime.config import SAEConfig
 from hsae_runtime.errors import ConfigError
 from hsae_runtime.kernels.prefix_decode import prefix_decode
-from hsae_runtime.kernels.topk import masked_topk
+from hsae_runtime.refine import Readout, check_readout
 from hsae_runtime.sae import SAE, SparseCode
 
 if TYPE_CHECKING:
@@ -103,18 +103,17 @@ class EngineBackend(ABC):
 class TorchBackend(EngineBackend):
     """The reference backend: the PyTorch :class:`SAE`'s encoder and prefix-decode kernel."""
 
-    name = "torch"
-
     def __init__(self, sae: SAE) -> None:
         self.sae = sae.eval()
+        # What Info reports: the readout shows, since refined codes differ from every export's.
+        self.name = "torch" if sae.readout == "encoder" else f"torch+{sae.readout}"
         super().__init__(sae.config, sae.device, sae.dtype, sae.b_dec)
         # A one-time packed W_enc on CPU makes small batches (what a server sees) faster.
         if sae.pack_for_cpu_inference():
             log.info("packed W_enc for CPU inference (oneDNN)")
 
     def _top_k(self, x: Tensor, k: int) -> SparseCode:
-        values, indices = masked_topk(self.sae.pre_activations(x), k, None)  # (N, k)
-        return SparseCode(values, indices)
+        return self.sae.code_rows(x, k)  # (N, k), under the SAE's readout
 
     def _prefix_decode(self, values: Tensor, indices: Tensor, budgets: list[int]) -> Tensor:
         return prefix_decode(values, indices, self.sae.W_dec, self.sae.b_dec, budgets)
@@ -139,12 +138,17 @@ class OnnxBackend(EngineBackend):
 
 
 def load_backend(
-    path: str | Path, *, backend: BackendName = "torch", device: torch.device | str = "cpu"
+    path: str | Path, *, backend: BackendName = "torch", device: torch.device | str = "cpu",
+    readout: Readout = "encoder",
 ) -> Backend:
-    """Load the model file at ``path`` into the named backend."""
+    """Load the model file at ``path`` into the named backend (``readout``: torch only)."""
+    check_readout(readout)
+    if readout != "encoder" and backend != "torch":
+        raise ConfigError(f"readout {readout!r} exists in the torch backend only",
+                          hint="serve with --backend torch, or drop --readout")
     match backend:
         case "torch":
-            return TorchBackend(SAE.load(path, device=device))
+            return TorchBackend(SAE.load(path, device=device).set_readout(readout))
         case "onnx":
             return _load_onnx(Path(path), device)
         case other:

@@ -35,6 +35,7 @@ from typing import Any
 import grpc
 
 from hsae_runtime.errors import ConfigError
+from hsae_runtime.refine import Readout
 from hsae_runtime.serving.backend import Backend, BackendName, load_backend
 from hsae_runtime.serving.batcher import Batcher
 from hsae_runtime.serving.limits import DEFAULT_GRACE_S
@@ -318,14 +319,16 @@ def load_and_start(
     lm_dtype: str = "float32",
     backend: BackendName = "torch",
     options: ServerOptions | None = None,
+    readout: Readout = "encoder",
 ) -> RunningServer:
-    """Load the SAE file (and its LM unless ``no_lm``) and start serving them."""
+    """Load the SAE file (and its LM unless ``no_lm``) and start serving them; ``readout``
+    sets how code values are computed (:mod:`hsae_runtime.refine`, torch backend only)."""
     from hsae_runtime.format import read_config
     from hsae_runtime.lm import resolve_device
 
     config = read_config(model)
     dev = resolve_device(device)
-    sae_backend = load_backend(model, backend=backend, device=dev)
+    sae_backend = load_backend(model, backend=backend, device=dev, readout=readout)
     if no_lm:
         return start(sae_backend, options=options)
 
