@@ -182,3 +182,27 @@ def test_cli_eval_missing_compare_file_exits_2(tiny_sae_path, tiny_text_file, tm
     )
     assert proc.returncode == 2 and "absent.safetensors" in proc.stderr
     assert not (tmp_path / "e.json").exists()
+
+
+def _cli_eval(args, out, timeout=120):
+    return subprocess.run([sys.executable, "-m", "hsae_runtime.cli", "eval", *args,
+                           "--json", str(out), "--device", "cpu"],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_eval_refine_readout_is_recorded_and_lowers_the_error(tiny_sae_path, tiny_text_file,
+                                                                 tmp_path):
+    common = [str(tiny_sae_path), "--data", str(tiny_text_file), "--budgets", "4,16",
+              "--tokens", "60", "--context", "32", "--ce-tokens", "0"]
+    runs = {}
+    for readout in ("encoder", "refine"):
+        proc = _cli_eval([*common, "--readout", readout], tmp_path / f"{readout}.json")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[readout] = json.loads((tmp_path / f"{readout}.json").read_text())
+        assert runs[readout]["readout"] == readout
+    for k in ("4", "16"):
+        enc = runs["encoder"]["models"]["tiny"]["budgets"][k]["fvu"]
+        ref = runs["refine"]["models"]["tiny"]["budgets"][k]["fvu"]
+        assert ref < enc, (k, ref, enc)
+    bad = _cli_eval([*common, "--readout", "lstsq"], tmp_path / "bad.json")
+    assert bad.returncode == 2 and "readout" in bad.stderr and "refine" in bad.stderr
