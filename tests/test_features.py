@@ -217,6 +217,16 @@ def test_a_complete_cache_is_reused_and_other_settings_refused(built, tiny_sae_p
         build_cache(built / "cache", sae, lm, tiny_text_file, other, key=key2, progress=False)
 
 
+def test_the_refine_readout_is_part_of_the_cache_key(built, tiny_sae_path, lm, tiny_text_file):
+    from hsae_runtime.sae import SAE
+
+    refined = SAE.load(tiny_sae_path).requires_grad_(False).set_readout("refine")
+    key = cache_key(tiny_sae_path, refined, lm, refined.config.hookpoint, tiny_text_file, SPEC)
+    assert key["readout"] == "refine"
+    with pytest.raises(ConfigError, match="other settings"):
+        build_cache(built / "cache", refined, lm, tiny_text_file, SPEC, key=key, progress=False)
+
+
 def _shape(value):
     """A value's JSON shape: dict keys recursively, list element shapes, scalars by kind."""
     if isinstance(value, dict):

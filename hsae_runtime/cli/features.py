@@ -33,6 +33,9 @@ def features(
     model_id: str | None = typer.Option(None, help="Neuronpedia model id (default: the LM's)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     lm_dtype: str = typer.Option("float32", help="LM dtype: float32, float16 or bfloat16."),
+    readout: str = typer.Option(
+        "encoder", help="Code values: encoder, or refine (as `serve --readout refine` gives)."
+    ),
 ) -> None:
     """Cache the SAE's codes on some text, compute per-latent statistics at every budget and
     write an offline web report (open DIR/index.html over HTTP) and Neuronpedia exports.
@@ -43,10 +46,11 @@ def features(
     from hsae_runtime.features.build import build_features
     from hsae_runtime.features.cache import CacheSpec
     from hsae_runtime.lm import load_lm, resolve_device
+    from hsae_runtime.refine import check_readout
     from hsae_runtime.sae import SAE
 
     dev = resolve_device(device)
-    sae = SAE.load(model, device=dev).requires_grad_(False)
+    sae = SAE.load(model, device=dev).requires_grad_(False).set_readout(check_readout(readout))
     spec = CacheSpec(tokens=tokens, context=context, lm_batch=lm_batch,
                      shard_contexts=shard_contexts)
     lm_name = lm or sae.config.model_name

@@ -151,6 +151,8 @@ def cache_key(sae_path: str | Path, sae: SAE, lm: LoadedLM, hookpoint: str, data
         "data": portable_name(data),
         "data_digest": file_digest(data_path) if data_path.is_file() else "",
         **asdict(spec),
+        # Refined codes have other values; an encoder-readout key stays as it always was.
+        **({"readout": sae.readout} if sae.readout != "encoder" else {}),
     }
 
 
