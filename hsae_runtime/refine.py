@@ -119,17 +119,18 @@ def _refit(x: Tensor, v: Tensor, idx: Tensor, W_dec: Tensor, b_dec: Tensor, M: T
     A = G * M  # (n, K, K)
     b = c * N  # (n, K)
     sol = _solve(A, b, live)
+    failed = ~torch.isfinite(sol).all(-1)  # (n,): these rows keep the encoder's values
     # Active-set steps: what came out negative is fixed at 0 and the rest solved again, for
     # the rows that changed, until none does (the first step settles almost every row).
     for _ in range(_ACTIVE_SET_STEPS):
         shrunk = live & (sol > 0)
-        again = (shrunk != live).any(-1)  # (n,)
+        again = (shrunk != live).any(-1) & ~failed  # (n,)
         if not bool(again.any()):
             break
-        live = shrunk
+        live[again] = shrunk[again]
         sol[again] = _solve(A[again], b[again], live[again])
-    ok = torch.isfinite(sol).all(-1)  # (n,)
-    return torch.where(ok[:, None], sol.clamp_min(0.0), v)
+        failed |= ~torch.isfinite(sol).all(-1)
+    return torch.where(failed[:, None], v, sol.clamp_min(0.0))
 
 
 def _solve(A: Tensor, b: Tensor, live: Tensor) -> Tensor:

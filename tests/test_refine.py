@@ -120,6 +120,16 @@ def test_latents_the_encoder_left_at_zero_stay_zero():
     assert bool((ref.values == 0).all())
 
 
+def test_a_row_whose_system_overflows_keeps_the_encoder_values():
+    sae = _sae()
+    x = torch.randn(4, 24)
+    v, i = sae.encode(x, 8)
+    x[1] = 3e38  # finite, but E (x - b_dec) overflows float32
+    ref = refine_values(x, v, i, sae.W_dec, sae.b_dec, sae.config.trained_budgets)
+    assert torch.equal(ref[1], v[1]) and bool(torch.isfinite(ref).all())
+    assert not torch.allclose(ref[0], v[0])
+
+
 def test_unknown_readout_is_a_config_error():
     with pytest.raises(ConfigError, match="readout") as err:
         _sae().set_readout("bogus")  # type: ignore[arg-type]
