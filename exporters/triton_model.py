@@ -2,8 +2,9 @@
 
 Triton's Python backend runs this file in a stub process: ``initialize`` loads the SAE named by
 the config's ``model_file`` parameter (a path relative to this file's version folder, or an
-absolute one), ``execute`` receives the requests the dynamic batcher grouped and answers each
-through :func:`hsae_runtime.exporters.triton_batch.run_batch` (one encode per batch). Bad input
+absolute one) and sets the ``readout`` parameter's readout (default ``encoder``); ``execute``
+receives the requests the dynamic batcher grouped and answers each through
+:func:`hsae_runtime.exporters.triton_batch.run_batch` (one encode per batch). Bad input
 becomes that request's Triton error response (INVALID_ARG: HTTP 400); the model keeps serving.
 
 Tensors cross the stub boundary by DLPack, which carries bfloat16 (NumPy has no bfloat16, so
@@ -43,8 +44,10 @@ class TritonPythonModel:
         device = f"cuda:{args['model_instance_device_id']}" if on_gpu else "cpu"
         self.sae = SAE.load(path if path.is_absolute() else here / path, device=device)
         self.sae.requires_grad_(False)
+        self.sae.set_readout(params.get("readout", "encoder"))  # type: ignore[arg-type]
         self.sae.pack_for_cpu_inference()
-        log.info("loaded %s on %s for Triton model %s", path, device, config.get("name"))
+        log.info("loaded %s on %s for Triton model %s (%s readout)", path, device,
+                 config.get("name"), self.sae.readout)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         import torch.utils.dlpack

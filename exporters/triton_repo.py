@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from hsae_runtime.errors import ConfigError
+from hsae_runtime.refine import Readout, check_readout
 
 if TYPE_CHECKING:
     from hsae_runtime.exporters.onnx import OnnxDType, OnnxExport
@@ -143,8 +144,10 @@ def python_config_pbtxt(
     queue_delay_us: int | None = 100,
     instance_kind: InstanceKind = "auto",
     instance_count: int = 1,
+    readout: Readout = "encoder",
 ) -> str:
-    """The ``config.pbtxt`` text for the Python-backend model (``backend: "python"``)."""
+    """The ``config.pbtxt`` text for the Python-backend model (``backend: "python"``);
+    ``readout`` other than ``encoder`` becomes the ``readout`` parameter ``model.py`` applies."""
     _check_common(name, max_batch_size, queue_delay_us, instance_count)
     if dtype not in _TRITON_TYPES:
         raise ConfigError(f"dtype must be one of {sorted(_TRITON_TYPES)}, got {dtype!r}")
@@ -165,6 +168,10 @@ def python_config_pbtxt(
         *_tail_lines(queue_delay_us, instance_kind, instance_count),
         f'parameters {{ key: "model_file", value: {{ string_value: {json.dumps(model_file)} }} }}',
     ]
+    if check_readout(readout) != "encoder":
+        lines.append(
+            f'parameters {{ key: "readout", value: {{ string_value: {json.dumps(readout)} }} }}'
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -179,12 +186,14 @@ def export_triton_python_repo(
     queue_delay_us: int | None = 100,
     instance_kind: InstanceKind = "auto",
     instance_count: int = 1,
+    readout: Readout = "encoder",
 ) -> tuple[Path, list[Path]]:
     """Write a Python-backend entry ``repo/<name>/`` (config, ``1/model.py``, the model file).
 
     ``model_file``: an existing hsae-runtime model file to reference by its absolute path
     instead of copying ``sae`` into ``1/model.safetensors`` (the repository then depends on
-    that path). Returns the config path and every file written.
+    that path). ``readout``: how the served codes' values are set, as in ``serve --readout``
+    (:mod:`hsae_runtime.refine`). Returns the config path and every file written.
     """
     import shutil
 
@@ -202,7 +211,7 @@ def export_triton_python_repo(
     text = python_config_pbtxt(
         name, d_in=sae.config.d_in, k_max=sae.config.k_max, dtype=dtype, model_file=param,
         max_batch_size=max_batch_size, queue_delay_us=queue_delay_us,
-        instance_kind=instance_kind, instance_count=instance_count,
+        instance_kind=instance_kind, instance_count=instance_count, readout=readout,
     )
     version_dir.mkdir(parents=True, exist_ok=True)
     files = [version_dir / "model.py"]

@@ -150,10 +150,19 @@ def test_cli_python_backend_and_flag_errors(sae, tmp_path):
     assert cfg.backend == "python" and not cfg.HasField("dynamic_batching")
     assert cfg.instance_group[0].count == 2
     assert cfg.parameters["model_file"].string_value == str(source.resolve())
+    res = runner.invoke(app, ["export", str(source), "--triton-repo", str(tmp_path / "ref"),
+                              "--readout", "refine"])
+    assert res.exit_code == 0, res.output
+    cfg = parse((tmp_path / "ref/hsae/config.pbtxt").read_text())
+    assert cfg.parameters["readout"].string_value == "refine"
+    assert "readout" not in parse((tmp_path / "repo/hsae/config.pbtxt").read_text()).parameters
     for extra in (["--triton-backend", "tensorrt"],
                   ["--triton-backend", "onnx", "--dtype", "bfloat16"],
                   ["--triton-backend", "onnx", "--triton-reference-model"],
-                  ["--triton-instances", "0"]):
+                  ["--triton-instances", "0"],
+                  ["--readout", "lstsq"],
+                  ["--readout", "refine", "--triton-backend", "onnx"],
+                  ["--readout", "refine", "--saelens", str(tmp_path / "sl")]):
         res = runner.invoke(app, ["export", str(source), "--triton-repo",
                                   str(tmp_path / "bad"), *extra])
         assert isinstance(res.exception, HSAEError), (extra, res.output)

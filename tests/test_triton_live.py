@@ -72,6 +72,8 @@ def server(sae, tmp_path_factory):
                               instance_kind="cpu")
     export_triton_python_repo(sae, tmp / "repo", name="hsae_bf16", dtype="bfloat16",
                               queue_delay_us=None, model_file=source)
+    export_triton_python_repo(sae, tmp / "repo", name="hsae_refine", queue_delay_us=None,
+                              model_file=source, readout="refine")
     log_file = tmp / "tritonserver.log"
     # a long drain: on a loaded machine unloading the models can take longer than the default
     srv = TritonServer(tmp / "repo", ports=TritonPorts(*free_ports(3)), log_file=log_file,
@@ -144,6 +146,19 @@ def test_codes_and_reconstructions_equal_the_sae(server, sae, protocol):
     assert np.array_equal(got["indices"], want["indices"])
     for name in ("values", "reconstruction", "reconstructions"):
         np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_the_refine_readout_model_serves_refined_codes(server, sae):
+    x = np.random.default_rng(3).standard_normal((4, D_IN), dtype=np.float32)
+    k = np.array([[8], [3], [6], [8]], dtype=np.int64)
+    got = infer(server, "http", x, k, model="hsae_refine", outputs=["values", "indices"])
+    refined = SAE(sae.config)
+    refined.load_state_dict(sae.state_dict())
+    want = expected(refined.requires_grad_(False).set_readout("refine"), x, k, k)
+    plain = expected(sae, x, k, k)
+    assert np.array_equal(got["indices"], want["indices"])
+    np.testing.assert_allclose(got["values"], want["values"], rtol=1e-4, atol=1e-5)
+    assert not np.allclose(got["values"], plain["values"], rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)

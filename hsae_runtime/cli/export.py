@@ -95,6 +95,11 @@ def export(
     triton_instances: int = typer.Option(
         1, "--triton-instances", help="Triton instance count (model copies per device)."
     ),
+    readout: str = typer.Option(
+        "encoder", "--readout",
+        help="python backend: the served codes' values, encoder or refine (as `serve "
+        "--readout`); ONNX, SAELens and sparsify always compute the encoder readout.",
+    ),
     triton_reference_model: bool = typer.Option(
         False, "--triton-reference-model",
         help="python backend: refer to MODEL by its absolute path instead of copying it.",
@@ -112,6 +117,7 @@ def export(
     import logging
 
     from hsae_runtime.errors import ConfigError
+    from hsae_runtime.refine import check_readout
 
     log = logging.getLogger("hsae_runtime.export")
     if not any((onnx, triton_repo, safetensors, saelens, sparsify)):
@@ -130,6 +136,13 @@ def export(
     if triton_reference_model and (not python_repo or model.is_dir()):
         raise ConfigError("--triton-reference-model needs --triton-backend python and a "
                           ".safetensors MODEL")
+    check_readout(readout)
+    if readout != "encoder" and (not python_repo or onnx or saelens or sparsify):
+        raise ConfigError(
+            f"--readout {readout} is for the Triton python backend alone",
+            hint="ONNX, SAELens and sparsify compute the encoder readout: export them in a "
+            "separate call without --readout",
+        )
     if triton_instance not in ("auto", "cpu", "gpu"):
         raise ConfigError(f"--triton-instance must be auto, cpu or gpu, got {triton_instance!r}")
     budgets = parse_budgets(budgets_out, "--budgets-out")
@@ -164,6 +177,7 @@ def export(
             model_file=model if triton_reference_model else None,
             max_batch_size=max_batch_size, queue_delay_us=delay,
             instance_kind=triton_instance, instance_count=triton_instances,  # type: ignore[arg-type]
+            readout=readout,  # type: ignore[arg-type]
         )
         parts.append(f"triton (python backend) {cfg_path.parent} ({_size(files)})")
         log.info("Triton repository done in %.1f s", time.perf_counter() - t)
