@@ -2,7 +2,9 @@
 
 One server per module with ``--http-port 0 --metrics-port 0`` and a token: every HTTP route is
 checked against the gRPC answer for the same input, then auth, limits, errors, metrics, a
-cancelled generation and the OpenAPI document.
+cancelled generation and the features folder. The contract checks that need no shared server
+(the error table, the OpenAPI document, readiness while draining) are in
+test_serving_http_contract.py.
 """
 
 from __future__ import annotations
@@ -21,23 +23,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from hsae_runtime.generation import GenerationBatch, GenerationRequest
 from hsae_runtime.serving import server as srv
-from hsae_runtime.serving.errors import (
-    AuthError,
-    CancelledError,
-    DeadlineError,
-    NotServedError,
-    OversizeError,
-    QueueFullError,
-    ShuttingDownError,
-    StreamLimitError,
-    http_status_for,
-)
-from hsae_runtime.serving.http import openapi_document
 from hsae_runtime.serving.limits import BatcherConfig, ServingLimits
 from hsae_runtime.steering import Intervention, SteerSpec
 from tests.serving_helpers import HOOKPOINT, MAX_MESSAGE, MAX_TOKENS, DelayedBackend, pb, pb_grpc
 
-REPO = Path(__file__).resolve().parents[1]
 TOKEN = "s3cret"
 AUTH = [("authorization", f"Bearer {TOKEN}")]
 HEADERS = {"Authorization": f"Bearer {TOKEN}"}
@@ -289,18 +278,6 @@ def test_http_limits_and_bad_bodies(http):
     assert r.status_code == 400 and "base64" in r.json()["message"]
 
 
-def test_one_error_table_gives_every_http_status():
-    assert http_status_for(OversizeError("x"))[:2] == (413, "RESOURCE_EXHAUSTED")
-    assert http_status_for(QueueFullError("x"))[:2] == (429, "RESOURCE_EXHAUSTED")
-    assert http_status_for(StreamLimitError("x"))[0] == 429
-    assert http_status_for(AuthError("x"))[:2] == (401, "UNAUTHENTICATED")
-    assert http_status_for(ShuttingDownError("x"))[:2] == (503, "UNAVAILABLE")
-    assert http_status_for(NotServedError("x"))[0] == 400
-    assert http_status_for(DeadlineError("x"))[0] == 504
-    assert http_status_for(CancelledError("x"))[0] == 499
-    assert http_status_for(RuntimeError("bug"))[:2] == (500, "INTERNAL")
-
-
 # ----------------------------------------------------------------------------- slots, metrics
 def _wait_until(predicate, timeout: float = 20.0) -> bool:
     end = time.monotonic() + timeout
@@ -368,45 +345,6 @@ def test_metrics_scraped_after_requests(running, http, stub):
 def test_features_folder_is_served(http):
     r = http.get("/features/index.html")
     assert r.status_code == 200 and "latents" in r.text
-
-
-def test_openapi_document_is_current_and_valid():
-    from openapi_spec_validator import validate
-
-    committed = json.loads((REPO / "docs" / "openapi.json").read_text())
-    assert committed == json.loads(json.dumps(openapi_document())), (
-        "docs/openapi.json is stale: run `make openapi`"
-    )
-    validate(committed)
-    assert {"/v1/info", "/v1/encode", "/v1/decode", "/v1/generate", "/healthz", "/readyz"} <= set(
-        committed["paths"]
-    )
-
-
-def test_readyz_is_503_while_draining(sae):
-    options = srv.ServerOptions(port=0, http_port=0)
-    server = srv.start(DelayedBackend(sae), options=options)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{server.http.port}") as client:
-            assert client.get("/readyz").status_code == 200
-            server.servicer.gate.drain()
-            assert client.get("/readyz").status_code == 503
-            assert client.get("/healthz").status_code == 200
-            r = client.post("/v1/generate", json={"text": "x", "budget": 2})
-            assert r.status_code == 503 and r.json()["code"] == "UNAVAILABLE"
-    finally:
-        server.stop(grace=0)
-
-
-def test_generate_on_a_no_lm_server_is_refused(sae):
-    server = srv.start(DelayedBackend(sae), options=srv.ServerOptions(port=0))
-    try:
-        with grpc.insecure_channel(server.address) as channel:
-            with pytest.raises(grpc.RpcError) as err:
-                list(pb_grpc.HSAEStub(channel).Generate(pb.GenerateRequest(text="x", budget=2)))
-        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    finally:
-        server.stop(grace=0)
 
 
 def test_cli_generate_prints_the_steered_text(running, stub, tmp_path):
