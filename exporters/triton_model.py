@@ -44,7 +44,7 @@ class TritonPythonModel:
         device = f"cuda:{args['model_instance_device_id']}" if on_gpu else "cpu"
         self.sae = SAE.load(path if path.is_absolute() else here / path, device=device)
         self.sae.requires_grad_(False)
-        self.sae.set_readout(params.get("readout", "encoder"))  # type: ignore[arg-type]
+        self.sae.set_readout(params.get("readout", "encoder"))
         self.sae.pack_for_cpu_inference()
         log.info("loaded %s on %s for Triton model %s (%s readout)", path, device,
                  config.get("name"), self.sae.readout)

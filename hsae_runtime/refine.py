@@ -96,28 +96,29 @@ def refine_values(x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_d
     """
     n, k = values.shape
     k_fit = min(k, fit_width(budgets))
-    M, N = prefix_masses([b for b in budgets if b <= k_fit] or [k_fit], k_fit)
-    M = M.to(x.device, torch.float32)
-    N = N.to(x.device, torch.float32)
+    pair, rank = prefix_masses([b for b in budgets if b <= k_fit] or [k_fit], k_fit)
+    pair = pair.to(x.device, torch.float32)  # (K, K): M above
+    rank = rank.to(x.device, torch.float32)  # (K,): N above
     out = values.clone()
     rows = max(1, _CHUNK_ELEMENTS // max(1, k_fit * x.shape[-1]))
     for s in range(0, n, rows):
         sl = slice(s, s + rows)
         out[sl, :k_fit] = _refit(
-            x[sl].float(), values[sl, :k_fit].float(), indices[sl, :k_fit], W_dec, b_dec, M, N
+            x[sl].float(), values[sl, :k_fit].float(), indices[sl, :k_fit], W_dec, b_dec, pair,
+            rank,
         ).to(values.dtype)
     return out
 
 
-def _refit(x: Tensor, v: Tensor, idx: Tensor, W_dec: Tensor, b_dec: Tensor, M: Tensor,
-           N: Tensor) -> Tensor:
+def _refit(x: Tensor, v: Tensor, idx: Tensor, W_dec: Tensor, b_dec: Tensor, pair: Tensor,
+           rank: Tensor) -> Tensor:
     """One chunk: ``x [n, d]``, ``v``/``idx [n, K]`` -> refined ``[n, K]`` float32."""
     live = (idx >= 0) & (v > 0)  # (n, K): entries the refit may set
     E = W_dec[idx.clamp_min(0)].float() * live[..., None]  # (n, K, d)
     G = E @ E.transpose(1, 2)  # (n, K, K)
     c = (E @ (x - b_dec.float())[..., None])[..., 0]  # (n, K)
-    A = G * M  # (n, K, K)
-    b = c * N  # (n, K)
+    A = G * pair  # (n, K, K)
+    b = c * rank  # (n, K)
     sol = _solve(A, b, live)
     failed = ~torch.isfinite(sol).all(-1)  # (n,): these rows keep the encoder's values
     # Active-set steps: what came out negative is fixed at 0 and the rest solved again, for

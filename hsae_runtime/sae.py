@@ -131,8 +131,9 @@ class SAE(nn.Module):
             x = x - self.b_dec
         return linear_cpu.addmm(self.b_enc, x, self.W_enc, self._packed_encoder)
 
-    def set_readout(self, readout: Readout) -> SAE:
-        """Choose how :meth:`encode` sets the code's values; returns ``self``.
+    def set_readout(self, readout: str) -> SAE:
+        """Choose how :meth:`encode` sets the code's values; returns ``self``. An unknown name
+        is a :class:`~hsae_runtime.errors.ConfigError` listing the readouts.
 
         ``encoder`` (the default, what every export computes): the pre-activations.
         ``refine``: the same latents in the same order, values refitted per token to the

@@ -136,8 +136,8 @@ def export(
     if triton_reference_model and (not python_repo or model.is_dir()):
         raise ConfigError("--triton-reference-model needs --triton-backend python and a "
                           ".safetensors MODEL")
-    check_readout(readout)
-    if readout != "encoder" and (not python_repo or onnx or saelens or sparsify):
+    chosen = check_readout(readout)
+    if chosen != "encoder" and (not python_repo or onnx or saelens or sparsify):
         raise ConfigError(
             f"--readout {readout} is for the Triton python backend alone",
             hint="ONNX, SAELens and sparsify compute the encoder readout: export them in a "
@@ -177,7 +177,7 @@ def export(
             model_file=model if triton_reference_model else None,
             max_batch_size=max_batch_size, queue_delay_us=delay,
             instance_kind=triton_instance, instance_count=triton_instances,  # type: ignore[arg-type]
-            readout=readout,  # type: ignore[arg-type]
+            readout=chosen,
         )
         parts.append(f"triton (python backend) {cfg_path.parent} ({_size(files)})")
         log.info("Triton repository done in %.1f s", time.perf_counter() - t)

@@ -46,11 +46,10 @@ def features(
     from hsae_runtime.features.build import build_features
     from hsae_runtime.features.cache import CacheSpec
     from hsae_runtime.lm import load_lm, resolve_device
-    from hsae_runtime.refine import check_readout
     from hsae_runtime.sae import SAE
 
     dev = resolve_device(device)
-    sae = SAE.load(model, device=dev).requires_grad_(False).set_readout(check_readout(readout))
+    sae = SAE.load(model, device=dev).requires_grad_(False).set_readout(readout)
     spec = CacheSpec(tokens=tokens, context=context, lm_batch=lm_batch,
                      shard_contexts=shard_contexts)
     lm_name = lm or sae.config.model_name

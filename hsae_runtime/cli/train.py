@@ -184,7 +184,6 @@ def eval_cmd(
     """
     from hsae_runtime.errors import ConfigError
     from hsae_runtime.lm import load_lm, resolve_device
-    from hsae_runtime.refine import check_readout
     from hsae_runtime.sae import SAE
     from hsae_runtime.training.compare import compare_tables, model_table
     from hsae_runtime.training.evaluate import evaluate_many, plot_fvu
@@ -192,7 +191,7 @@ def eval_cmd(
     paths = [*models, *compare]
     names = _model_names(paths)
     dev = resolve_device(device)
-    saes = {name: SAE.load(path, device=dev).set_readout(check_readout(readout))
+    saes = {name: SAE.load(path, device=dev).set_readout(readout)
             for name, path in zip(names, paths)}  # fail early
     lm_name = lm or saes[names[0]].config.model_name
     if lm_name is None:

@@ -142,8 +142,7 @@ def load_backend(
     readout: Readout = "encoder",
 ) -> Backend:
     """Load the model file at ``path`` into the named backend (``readout``: torch only)."""
-    check_readout(readout)
-    if readout != "encoder" and backend != "torch":
+    if check_readout(readout) != "encoder" and backend != "torch":
         raise ConfigError(f"readout {readout!r} exists in the torch backend only",
                           hint="serve with --backend torch, or drop --readout")
     match backend:
