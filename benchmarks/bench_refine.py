@@ -49,7 +49,7 @@ def main() -> None:
             times: dict[str, list[float]] = {"encoder": [], "refine": []}
             for _ in range(args.reps):
                 for name in times:
-                    sae.set_readout(name)  # type: ignore[arg-type]
+                    sae.set_readout(name)
                     start = time.perf_counter()
                     sae.reconstruct(x, budgets)
                     times[name].append(time.perf_counter() - start)

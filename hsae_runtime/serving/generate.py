@@ -178,7 +178,7 @@ class GenerationScheduler:
         self._running: deque[_Running] = deque()
         self._live = 0  # waiting + running, for the cap
         self._closed = False
-        self._prefilled_last = False  # the last turn ran prompts: the next steps the batch
+        self._prefilled_last = False  # the last turn ran prompts, so the next steps the batch
 
     @property
     def live(self) -> int:

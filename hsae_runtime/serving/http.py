@@ -279,7 +279,7 @@ def create_app(
         except Exception as err:  # noqa: BLE001 - mapped by the one table
             context.cancel()
             failure = err
-            return run(route, lambda: _reraise(failure))
+            return run(route, lambda: http_raw.reraise(failure))
         if not body.stream:
             return await run_in_threadpool(run, route, lambda: _collect(first, steps, body))
         return StreamingResponse(
@@ -303,10 +303,6 @@ def create_app(
         app.mount("/features", StaticFiles(directory=features_dir, html=True), name="features")
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     return app
-
-
-def _reraise(err: BaseException) -> Any:
-    raise err
 
 
 def _gate_open(servicer: Any | None) -> Callable[[], bool]:

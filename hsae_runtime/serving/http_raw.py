@@ -122,7 +122,7 @@ def add_route(
             body = await request.body()
         except OversizeError as err:  # a chunked body past the limit (BodyLimit counts it)
             failure = err
-            return call(f"POST {ROUTE}", lambda: _raise(failure))
+            return call(f"POST {ROUTE}", lambda: reraise(failure))
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         raw_answer = OCTETS in request.headers.get("accept", "")
 
@@ -155,5 +155,7 @@ def add_route(
         return await run_in_threadpool(call, f"POST {ROUTE}", work)
 
 
-def _raise(err: BaseException) -> Any:
+def reraise(err: BaseException) -> Any:
+    """Raise ``err`` again: a failure caught outside ``call`` goes through it (and so through
+    the one error table) as ``call(route, lambda: reraise(err))``."""
     raise err
